@@ -114,7 +114,9 @@ class VideoMeta:
     time_source: str | None = None  # "index/fps" (constant rate) or "pts" (variable rate)
     extra: dict[str, Any] = field(default_factory=dict)
 
-    _KEYS = ("path", "fps", "width", "height", "num_frames", "duration_s", "rotation", "time_source")
+    _KEYS = (
+        "path", "fps", "width", "height", "num_frames", "duration_s", "rotation", "time_source",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -369,9 +371,13 @@ class GroundingResult:
         if check:
             validate(d)
         if not isinstance(d, Mapping):
-            raise ResultError(f"a {SCHEMA_ID} document must be a JSON object, got {type(d).__name__}")
+            raise ResultError(
+                f"a {SCHEMA_ID} document must be a JSON object, got {type(d).__name__}"
+            )
         if d.get("schema") != SCHEMA_ID:
-            raise ResultError(f"unsupported result schema {d.get('schema')!r}; expected {SCHEMA_ID!r}")
+            raise ResultError(
+                f"unsupported result schema {d.get('schema')!r}; expected {SCHEMA_ID!r}"
+            )
         try:
             return cls(
                 video=VideoMeta.from_dict(d["video"]),
@@ -489,7 +495,9 @@ def build_track(
         except (TypeError, ValueError):
             fps_ok = False
         if not fps_ok:
-            raise ValueError(f"fps must be a positive number when frame_times is not given, got {fps!r}")
+            raise ValueError(
+                f"fps must be a positive number when frame_times is not given, got {fps!r}"
+            )
     elif e >= len(frame_times):
         raise ValueError(f"frame_times has {len(frame_times)} entries; span ends at frame {e}")
 
@@ -532,7 +540,9 @@ def build_track(
             score=float(sc),
             source=SOURCE_MODEL if m else SOURCE_INTERPOLATED,
         )
-        for f, t, b, sc, m in zip(frames.tolist(), times.tolist(), boxes.tolist(), scores.tolist(), is_model.tolist())
+        for f, t, b, sc, m in zip(
+            frames.tolist(), times.tolist(), boxes.tolist(), scores.tolist(), is_model.tolist()
+        )
     ]
 
 
@@ -616,8 +626,12 @@ def validate(doc: Mapping[str, Any] | GroundingResult, *, semantic: bool = True)
     errors = list(_validator().iter_errors(doc))
     if errors:
         first = best_match(errors)
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise ResultError(f"not a valid {SCHEMA_ID} result: {first.json_path}: {first.message}{more}")
+        message = first.message if len(first.message) <= 160 else first.message[:157] + "..."
+        others = sorted({e.json_path for e in errors} - {first.json_path})
+        more = ""
+        if others:
+            more = f" (also at {', '.join(others[:3])}{', ...' if len(others) > 3 else ''})"
+        raise ResultError(f"not a valid {SCHEMA_ID} result: {first.json_path}: {message}{more}")
     if semantic:
         problems = _semantic_problems(doc)
         if problems:
@@ -824,7 +838,8 @@ class JsonlWriter:
                     keys.add(_record_key(line.doc))
                 except (KeyError, TypeError) as e:
                     raise ResultError(
-                        f"{self.path}: line {line.lineno} is not a {SCHEMA_ID} record (no video.path/query)"
+                        f"{self.path}: line {line.lineno} is not a {SCHEMA_ID} record "
+                        "(no video.path/query)"
                     ) from e
                 last = line
         if pending_bad is not None:
