@@ -1,0 +1,624 @@
+"""Probe videos and sample frames from them, deterministically, with decord or PyAV.
+
+Why this module is careful:
+
+- Frame counts come from demuxing the stream with PyAV (cheap: no decoding) and then
+  decoding the last GOP, so `num_frames` counts frames that really decode. Container headers
+  and decord's `len()` over-report on truncated files (an MKV cut in half still declares
+  its full duration).
+- Every frame is identified by its presentation timestamp, never by "how many frames came
+  out since the seek", so an inaccurate seek cannot shift indices by one.
+- decord is fast at random access but returns wrong frames on some streams (MPEG-4 part 2
+  with B-frames, H.264 in AVI with B-frames: found by the painted-frame tests) and cannot
+  open MPEG-TS; `auto` only uses it where its random access is known to be exact and falls
+  back to PyAV otherwise.
+- Rotation (phone videos) is applied so frames are upright; `rotation` is reported in the
+  `rotate`-tag convention: degrees clockwise the stored picture must turn to display.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+
+from .errors import VideoError
+
+BACKENDS = ("auto", "decord", "pyav")
+# Codecs whose decord random access matched the painted-frame tests when frames are stored
+# in presentation order, and (second set) also with B-frame reordering.
+_DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mjpeg", "mpeg4", "mpeg1video", "mpeg2video"}
+_DECORD_REORDER_OK = {("h264", "mov"), ("h264", "matroska"), ("hevc", "mov"),
+                      ("hevc", "matroska")}
+_TAIL_GOPS = 3  # how many trailing GOPs to try before decoding the whole file
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the rest of stg needs to know about a video, as it displays and decodes."""
+
+    path: str
+    fps: float
+    width: int  # as displayed, after rotation
+    height: int
+    num_frames: int  # frames that decode
+    duration_s: float
+    rotation: int  # 0/90/180/270, clockwise, like the `rotate` tag
+    vfr: bool
+    has_audio: bool
+    backend: str  # "decord" or "pyav"
+
+
+@dataclass
+class SampledFrames:
+    """Frames sampled for the model, with where in the video they came from."""
+
+    frames: np.ndarray  # (N, h, w, 3) uint8 RGB, upright
+    indices: np.ndarray  # int64, 0-based indices into the decoded video
+    times_s: np.ndarray  # float64 seconds from the first frame
+    info: VideoInfo
+    time_source: str  # "index/fps" or "pts"
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class _Scan:
+    """Everything learned from one demux pass, shared by probe, sampling and iteration."""
+
+    info: VideoInfo
+    stream_index: int
+    pts: np.ndarray  # int64 sorted pts of decodable frames (stream time base); index = position
+    keyframes: np.ndarray  # sorted frame indices of keyframes
+    time_base: Fraction
+    codec: str
+    container: str  # "mov", "matroska", "avi", "mpegts", ...
+    reordered: bool  # B-frames: decode order differs from presentation order
+    counted: bool  # no usable timestamps: frames are identified by counting from the start
+    warnings: tuple[str, ...]
+
+    @property
+    def times_s(self) -> np.ndarray:
+        """Frame times: pts (relative to the first frame) for VFR, index / fps otherwise."""
+        if self.info.vfr:
+            return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
+        return np.arange(self.info.num_frames, dtype=np.float64) / self.info.fps
+
+    def key_before(self, index: int) -> int:
+        """Index of the last keyframe at or before `index` (decoding must start there)."""
+        pos = int(np.searchsorted(self.keyframes, index, side="right")) - 1
+        return int(self.keyframes[max(pos, 0)]) if len(self.keyframes) else 0
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _check_path(path: str | os.PathLike) -> Path:
+    """Turn the common path mistakes into one-line errors before any decoder sees them."""
+    p = Path(path)
+    if not p.exists():
+        raise VideoError(f"{path}: no such file; check the path")
+    if p.is_dir():
+        raise VideoError(f"{path}: is a directory, not a video file; pass a video file")
+    if p.stat().st_size == 0:
+        raise VideoError(f"{path}: file is empty; pass a non-empty MP4/WebM/AVI/MKV file")
+    return p
+
+
+def _open(path: str | os.PathLike):
+    """Open a container with PyAV, mapping its errors to VideoError."""
+    import av
+
+    p = _check_path(path)
+    try:
+        return av.open(str(p), metadata_errors="ignore")
+    except av.FFmpegError as exc:
+        raise VideoError(
+            f"{path}: not a readable video file ({_reason(exc)}; a truncated MP4 loses its "
+            "index); pass an MP4/WebM/AVI/MKV file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise VideoError(f"{path}: cannot open ({exc}); check the file") from None
+
+
+def _reason(exc: Exception) -> str:
+    """Short human reason from an FFmpeg error, without the repeated file name."""
+    text = getattr(exc, "strerror", None) or str(exc)
+    return str(text).split(":")[0].strip() or type(exc).__name__
+
+
+def _video_stream(container, path) -> object:
+    """The first video stream, or a VideoError that says what the file holds instead."""
+    if container.streams.video:
+        return container.streams.video[0]
+    if container.streams.audio:
+        raise VideoError(f"{path}: audio-only file (no video stream); pass a video file")
+    raise VideoError(
+        f"{path}: not a video file (no decodable video stream); pass an MP4/WebM/AVI/MKV file")
+
+
+def _format_name(container) -> str:
+    """Short container family name: 'mov', 'matroska', 'avi', 'mpegts', ..."""
+    name = container.format.name.split(",")[0]
+    return {"webm": "matroska"}.get(name, name)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def _decode(container, stream, seek_pts: int | None = None) -> Iterator:
+    """Decode frames of `stream`, optionally after seeking; stop quietly at a broken tail.
+
+    Corrupt packets are skipped and a demux error ends the iteration, so a truncated file
+    yields exactly the frames that decode.
+    """
+    import av
+
+    if seek_pts is not None:
+        container.seek(int(seek_pts), stream=stream, backward=True, any_frame=False)
+    try:
+        for packet in container.demux(stream):
+            try:
+                yield from packet.decode()
+            except av.FFmpegError:
+                continue
+    except av.FFmpegError:
+        return
+
+
+def _frame_key(frame) -> int | None:
+    """The timestamp that identifies a decoded frame."""
+    return frame.pts if frame.pts is not None else getattr(frame, "dts", None)
+
+
+def _indexed(container, stream, scan: _Scan, seek_index: int | None = None) -> Iterator:
+    """Yield (index, frame) for decoded frames, indices looked up by pts (or counted)."""
+    if scan.counted:
+        for i, frame in enumerate(_decode(container, stream)):
+            if i >= scan.info.num_frames:
+                return
+            yield i, frame
+        return
+    lookup = {int(p): i for i, p in enumerate(scan.pts)}
+    seek = None if seek_index is None else scan.pts[seek_index]
+    for frame in _decode(container, stream, seek):
+        i = lookup.get(_frame_key(frame))
+        if i is not None:
+            yield i, frame
+
+
+def _rgb(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
+    """RGB array of a PyAV frame, resized on conversion (no full-size copy) and upright."""
+    if size is None:
+        arr = frame.to_ndarray(format="rgb24")
+    else:
+        w, h = size if rotation in (0, 180) else (size[1], size[0])
+        arr = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
+    return _upright(arr, rotation)
+
+
+def _upright(arr: np.ndarray, rotation: int) -> np.ndarray:
+    """Turn a stored picture `rotation` degrees clockwise (np.rot90 turns counter-clockwise)."""
+    if rotation == 0:
+        return arr
+    return np.ascontiguousarray(np.rot90(arr, k=-(rotation // 90), axes=(0, 1)))
+
+
+def _rotation_of(frame, stream) -> int:
+    """Clockwise display rotation from the frame's display matrix, else the `rotate` tag."""
+    ccw = getattr(frame, "rotation", None) if frame is not None else None
+    if ccw is not None:
+        return int(round(-float(ccw) / 90.0)) % 4 * 90
+    try:
+        return int(round(float(stream.metadata.get("rotate", 0)) / 90.0)) % 4 * 90
+    except ValueError:
+        return 0
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class _Packets:
+    """Video packets seen by one demux pass (decode order)."""
+
+    pts: list[int] = field(default_factory=list)
+    keys: list[bool] = field(default_factory=list)
+    durations: list[int] = field(default_factory=list)
+    demux_error: bool = False
+    missing_ts: bool = False
+
+
+def _demux_packets(container, stream) -> _Packets:
+    """Collect timestamps of every video packet without decoding (fast even for long files)."""
+    import av
+
+    out = _Packets()
+    try:
+        for pkt in container.demux(stream):
+            if not pkt.size or pkt.is_discard or pkt.is_corrupt:
+                continue
+            ts = pkt.pts if pkt.pts is not None else pkt.dts
+            if ts is None:
+                out.missing_ts = True
+                continue
+            out.pts.append(int(ts))
+            out.keys.append(bool(pkt.is_keyframe))
+            out.durations.append(int(pkt.duration or 0))
+    except av.FFmpegError:
+        out.demux_error = True
+    return out
+
+
+def _verify_tail(container, stream, pts: np.ndarray, keys: np.ndarray):
+    """Decode the last GOP(s) and return (decodable pts, rotation sample frame).
+
+    Frames before the last GOP that decodes are trusted; frames in it are replaced by what
+    the decoder actually produced. Returns (None, None) when no tried GOP decodes.
+    """
+    for k in keys[::-1][:_TAIL_GOPS]:
+        start, got, sample = int(pts[k]), [], None
+        try:
+            for frame in _decode(container, stream, start):
+                key = _frame_key(frame)
+                if key is not None and key >= start:
+                    got.append(key)
+                    sample = frame
+        except Exception:  # noqa: BLE001 - an unseekable file: count the slow way
+            return None, None
+        if got and not _monotonic(got):
+            return None, None  # e.g. H.264 in AVI: packet "pts" are decode-order counters
+        if got:
+            return np.concatenate([pts[:k], np.asarray(got, np.int64)]), sample
+    return None, None
+
+
+def _monotonic(keys: list) -> bool:
+    """Decoded frames come out in presentation order, so real pts must strictly increase."""
+    return None not in keys and bool(np.all(np.diff(np.asarray(keys, np.int64)) > 0))
+
+
+def _count_all(container, stream) -> tuple[np.ndarray, bool, object]:
+    """Decode everything from the start: (pts or counted indices, counted?, first frame)."""
+    container.seek(0, stream=stream, backward=True)
+    keys, first = [], None
+    for frame in _decode(container, stream):
+        first = first if first is not None else frame
+        keys.append(_frame_key(frame))
+    if not _monotonic(keys):
+        return np.arange(len(keys), dtype=np.int64), True, first
+    return np.asarray(keys, np.int64), False, first
+
+
+def _is_vfr(pts: np.ndarray) -> bool:
+    """Variable frame rate: some pts step differs from the typical one by more than rounding."""
+    if len(pts) < 3:
+        return False
+    d = np.diff(pts).astype(np.float64)
+    med = float(np.median(d))
+    return bool(np.abs(d - med).max() > max(1.0, 0.1 * med))
+
+
+def _fps(stream, pts: np.ndarray, tb: Fraction) -> float:
+    """Nominal frame rate of a constant-rate stream: average rate, guessed rate, pts steps."""
+    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
+        if rate and 0 < float(rate) < 10_000:
+            return float(rate)
+    if len(pts) >= 2 and pts[-1] > pts[0]:
+        return (len(pts) - 1) / (float(pts[-1] - pts[0]) * float(tb))
+    return 25.0  # a single frame with no rate: any value gives time 0 for frame 0
+
+
+def _declared_seconds(container, stream) -> float | None:
+    """Video duration the container claims (to spot truncation), or None if it doesn't say."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    tag = stream.metadata.get("DURATION")
+    if tag:
+        h, m, s = tag.split(":")
+        return int(h) * 3600 + int(m) * 60 + float(s)
+    if container.duration and len(container.streams) == 1:
+        return container.duration / 1_000_000
+    return None
+
+
+def _scan(path: str | os.PathLike) -> _Scan:
+    """Demux once, verify the tail decodes, and derive every fact `VideoInfo` reports."""
+    with _open(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        pk = _demux_packets(container, stream)
+        order = np.argsort(np.asarray(pk.pts, np.int64), kind="stable")
+        pts = np.asarray(pk.pts, np.int64)[order]
+        keys = np.flatnonzero(np.asarray(pk.keys, bool)[order]) if len(order) else order
+        counted, frame = pk.missing_ts or len(np.unique(pts)) != len(pts), None
+        if len(pts) and not counted:
+            good, frame = _verify_tail(container, stream, pts, keys)
+            counted = good is None
+            pts = pts if good is None else good
+        if counted or not len(pts):
+            pts, counted, frame = _count_all(container, stream)
+            keys = np.zeros(1, np.int64)
+        if not len(pts):
+            raise VideoError(f"{path}: no decodable video frames (corrupt or truncated file); "
+                             "re-encode or re-download it")
+        return _build_scan(path, container, stream, pk, pts, keys, counted, frame)
+
+
+def _build_scan(path, container, stream, pk: _Packets, pts, keys, counted, frame) -> _Scan:
+    """Assemble the scan result from the demux/verify outcome."""
+    tb = stream.time_base or Fraction(1, 1)
+    vfr = not counted and _is_vfr(pts)
+    n = len(pts)
+    fps = _fps(stream, pts, tb)
+    duration = n / fps
+    if vfr:  # last frame's pts plus a typical frame step; fps is then the mean rate
+        duration = float((pts[-1] - pts[0] + np.median(np.diff(pts))) * tb)
+        fps = n / duration
+    rotation = _rotation_of(frame, stream)
+    w, h = stream.codec_context.width, stream.codec_context.height
+    if rotation in (90, 270):
+        w, h = h, w
+    codec = stream.codec_context.name
+    fmt = _format_name(container)
+    warnings = _truncation_warnings(path, container, stream, pk, n, duration, fps)
+    reordered = bool(len(pk.pts) > 1 and np.any(np.diff(np.asarray(pk.pts)) < 0))
+    info = VideoInfo(str(path), fps, int(w), int(h), n, float(duration), rotation, vfr,
+                     bool(container.streams.audio), "pyav")
+    scan = _Scan(info, stream.index, pts, np.asarray(keys, np.int64), tb, codec, fmt,
+                 reordered, counted, tuple(warnings))
+    return replace(scan, info=replace(info, backend=_auto_backend(scan)))
+
+
+def _truncation_warnings(path, container, stream, pk: _Packets, n: int, duration: float,
+                         fps: float) -> list[str]:
+    """Say so when fewer frames decode than the file declares: results cover only that part."""
+    declared = _declared_seconds(container, stream)
+    short = declared is not None and declared - duration > max(3.0 / fps, 0.02 * declared)
+    if not (short or pk.demux_error or n < len(pk.pts) or (stream.frames or 0) > n):
+        return []
+    what = f"{duration:.2f}s" + (f" of the declared {declared:.2f}s" if short else "")
+    return [f"{path}: video looks truncated or corrupt; only {n} frames ({what}) decode; "
+            "grounding on the part that decodes"]
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def probe(path: str | os.PathLike) -> VideoInfo:
+    """Describe a video (size as displayed, decodable frame count, rotation, VFR, audio).
+
+    Raises VideoError for anything that is not a decodable video.
+    """
+    return _scan(path).info
+
+
+def sample_indices(num_frames: int, n: int, start_frame: int = 0,
+                   end_frame: int | None = None) -> np.ndarray:
+    """`n` frame indices spread uniformly over [start_frame, end_frame] (inclusive).
+
+    LLaVA-Video style: rounded `np.linspace`, so the first and last frame of the window are
+    always included; when `n` covers the window every frame is returned once.
+    """
+    if num_frames < 1:
+        raise VideoError(f"video has no frames to sample (num_frames={num_frames})")
+    if n < 1:
+        raise VideoError(f"number of frames to sample must be at least 1, got {n}")
+    end = num_frames - 1 if end_frame is None else end_frame
+    if not 0 <= start_frame <= end < num_frames:
+        raise VideoError(f"frame window [{start_frame}, {end}] is outside the video's "
+                         f"{num_frames} frames; pick frames 0..{num_frames - 1}")
+    if n >= end - start_frame + 1:
+        return np.arange(start_frame, end + 1, dtype=np.int64)
+    return np.unique(np.round(np.linspace(start_frame, end, n)).astype(np.int64))
+
+
+def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | None = None,
+                  end_s: float | None = None, size: tuple[int, int] | None = None,
+                  backend: str = "auto") -> SampledFrames:
+    """Decode `num_frames` uniformly sampled frames from the [start_s, end_s] window.
+
+    `size` = (width, height) resizes on decode so large videos never cost full-size frames.
+    `backend` "auto" picks decord where its random access is exact, else PyAV.
+    """
+    _check_args(path, num_frames, size, backend)
+    scan = _scan(path)
+    lo, hi = _window(scan, start_s, end_s)
+    idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
+    use = scan.info.backend if backend == "auto" else backend
+    frames, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
+    idx = np.asarray(sorted(frames), np.int64)
+    if not len(idx):
+        raise VideoError(f"{path}: none of the sampled frames decode (corrupt file); "
+                         "re-encode or re-download it")
+    stack = np.stack([frames[i] for i in idx]).astype(np.uint8, copy=False)
+    return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=use),
+                         "pts" if scan.info.vfr else "index/fps",
+                         list(scan.warnings) + warnings)
+
+
+def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None
+                ) -> Iterator[tuple[int, float, np.ndarray]]:
+    """Yield (index, time_s, RGB frame) for every decodable frame, in order, one at a time.
+
+    For rendering: sequential PyAV decode, memory-flat whatever the video length.
+    """
+    _check_args(path, 1, size, "pyav")
+    scan = _scan(path)
+    times = scan.times_s
+    with _open(path) as container:
+        stream = container.streams[scan.stream_index]
+        stream.thread_type = "AUTO"
+        for i, frame in _indexed(container, stream, scan):
+            yield i, float(times[i]), _rgb(frame, size, scan.info.rotation)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_args(path, num_frames: int, size, backend: str) -> None:
+    """Reject bad arguments with a message that says which value to change."""
+    if backend not in BACKENDS:
+        raise VideoError(f"unknown video backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if not isinstance(num_frames, (int, np.integer)) or num_frames < 1:
+        raise VideoError(f"{path}: number of frames to sample must be at least 1, "
+                         f"got {num_frames}")
+    if size is not None and (len(size) != 2 or min(int(s) for s in size) < 1):
+        raise VideoError(f"frame size must be (width, height) with both >= 1, got {size}")
+
+
+def _window(scan: _Scan, start_s: float | None, end_s: float | None) -> tuple[int, int]:
+    """First and last frame index whose time lies in [start_s, end_s]."""
+    info, path = scan.info, scan.info.path
+    for name, v in (("start", start_s), ("end", end_s)):
+        if v is not None and (not math.isfinite(v) or v < 0):
+            raise VideoError(f"{path}: window {name} {v}s must be a time >= 0 seconds")
+    if start_s is not None and end_s is not None and start_s >= end_s:
+        raise VideoError(f"{path}: window start {start_s}s must be before end {end_s}s")
+    if start_s is not None and start_s >= info.duration_s:
+        raise VideoError(f"{path}: window start {start_s}s is beyond the video's "
+                         f"{info.duration_s:.2f}s; pick a start before that")
+    times, eps = scan.times_s, 1e-6
+    lo = 0 if start_s is None else int(np.searchsorted(times, start_s - eps, side="left"))
+    hi = len(times) - 1 if end_s is None else int(
+        np.searchsorted(times, end_s + eps, side="right")) - 1
+    if hi < lo:
+        raise VideoError(f"{path}: no frame lies in the window [{start_s}s, {end_s}s]; "
+                         "widen the window")
+    return lo, hi
+
+
+def _auto_backend(scan: _Scan) -> str:
+    """decord when installed and exact for this stream; PyAV for VFR and everything else."""
+    if scan.info.vfr or scan.counted or not _decord_random_ok(scan):
+        return "pyav"
+    return "decord" if _import_decord() is not None else "pyav"
+
+
+def _decord_random_ok(scan: _Scan) -> bool:
+    """Whether decord's get_batch returns the right frames for this codec/container."""
+    if scan.counted or scan.codec not in _DECORD_CODECS or scan.container == "mpegts":
+        return False
+    return not scan.reordered or (scan.codec, scan.container) in _DECORD_REORDER_OK
+
+
+def _import_decord():
+    """decord if importable (it has no wheels for Linux/macOS arm64), else None."""
+    try:
+        import decord
+    except (ImportError, OSError):
+        return None
+    return decord
+
+
+def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool):
+    """Decode the sampled frames with the chosen backend; auto falls back to PyAV."""
+    if backend == "decord":
+        try:
+            return _read_decord(path, scan, idx, size), []
+        except VideoError:
+            if strict:
+                raise
+    got = _read_pyav(path, scan, idx, size)
+    missing = len(idx) - len(got)
+    warn = [f"{path}: {missing} of {len(idx)} sampled frames did not decode and were "
+            "dropped"] if missing else []
+    return got, warn
+
+
+# --------------------------------------------------------------------------- PyAV reading
+
+
+def _read_pyav(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
+    """Seek to each target's GOP only when that skips decoding; identify frames by pts."""
+    wanted, got = set(int(i) for i in idx), {}
+    with _open(path) as container:
+        stream = container.streams[scan.stream_index]
+        stream.thread_type = "AUTO"
+        frames, last = None, -1
+        for t in sorted(wanted):
+            if t in got:
+                continue
+            key = scan.key_before(t)
+            if frames is None or t <= last or (key > last + 1 and not scan.counted):
+                frames = _indexed(container, stream, scan, None if scan.counted else key)
+                if scan.counted:
+                    container.seek(0, stream=stream)
+            last = _decode_until(frames, t, wanted, got, size, scan.info.rotation)
+            if last < t:
+                frames = None
+        if len(got) < len(wanted) and not scan.counted:
+            container.seek(0, stream=stream)
+            _decode_until(_indexed(container, stream, scan), max(wanted), wanted - set(got),
+                          got, size, scan.info.rotation)
+    return got
+
+
+def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: int) -> int:
+    """Advance `frames` until index `target`, converting wanted frames; return last index."""
+    last = -1
+    for i, frame in frames:
+        last = i
+        if i in wanted and i not in got:
+            got[i] = _rgb(frame, size, rotation)
+        if i >= target:
+            break
+    return last
+
+
+# --------------------------------------------------------------------------- decord reading
+
+
+def _read_decord(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
+    """get_batch on sorted indices where decord seeks exactly, else a sequential pass."""
+    decord = _import_decord()
+    if decord is None:
+        raise VideoError("backend 'decord' requested but decord is not installed; "
+                         "use backend 'auto' or 'pyav'")
+    w, h = size if size is not None else (-1, -1)
+    try:
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
+        if len(vr) < scan.info.num_frames:
+            raise VideoError(f"{path}: decord sees only {len(vr)} of "
+                             f"{scan.info.num_frames} frames; use backend 'pyav'")
+        if _decord_random_ok(scan):
+            arr = _np(vr.get_batch([int(i) for i in idx]))
+        else:
+            arr = _decord_sequential(vr, idx)
+    except VideoError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - decord raises DECORDError/RuntimeError/...
+        raise VideoError(f"{path}: decord cannot read this file ({type(exc).__name__}); "
+                         "use backend 'pyav'") from None
+    return {int(i): _decord_fix(a, scan.info, size) for i, a in zip(idx, arr)}
+
+
+def _decord_sequential(vr, idx: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
+    """Read frames 0..max(idx) in contiguous batches, keeping the wanted ones.
+
+    decord only decodes correctly here when every read continues where the last stopped:
+    its seeks and `skip_frames` land on wrong frames for these streams.
+    """
+    wanted, out = set(int(i) for i in idx), {}
+    for a in range(0, int(max(idx)) + 1, chunk):
+        batch = _np(vr.get_batch(list(range(a, min(a + chunk, int(max(idx)) + 1)))))
+        out.update({a + j: f for j, f in enumerate(batch) if a + j in wanted})
+    return [out[int(i)] for i in idx]
+
+
+def _np(x) -> np.ndarray:
+    """decord NDArray (or a bridged torch tensor) to numpy."""
+    return x.asnumpy() if hasattr(x, "asnumpy") else np.asarray(x)
+
+
+def _decord_fix(arr: np.ndarray, info: VideoInfo, size) -> np.ndarray:
+    """decord 0.6 applies rotation itself; a build that doesn't returns transposed shapes."""
+    h, w = (info.height, info.width) if size is None else (size[1], size[0])
+    if arr.shape[:2] == (h, w):
+        return arr
+    import cv2
+
+    arr = _upright(arr, info.rotation)
+    return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)
