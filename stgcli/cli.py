@@ -54,3 +54,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
 
 
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Training config (TOML); see examples/train-tiny.toml.")
+@click.option("--resume", is_flag=True, help="Continue from OUT_DIR/checkpoint.")
+def train(config_path: Path, resume: bool) -> None:
+    """Train a SpaceVLLM model on shapes-world clips drawn on the fly."""
+    from .train import TrainConfig, train as run
+
+    final = run(TrainConfig.from_toml(config_path), resume=resume)
+    click.echo(f"model written to {final}")

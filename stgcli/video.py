@@ -280,16 +280,22 @@ def _monotonic(keys: list) -> bool:
     return None not in keys and bool(np.all(np.diff(np.asarray(keys, np.int64)) > 0))
 
 
-def _count_all(container, stream) -> tuple[np.ndarray, bool, object]:
-    """Decode everything from the start: (pts or counted indices, counted?, first frame)."""
-    container.seek(0, stream=stream, backward=True)
-    keys, first = [], None
-    for frame in _decode(container, stream):
-        first = first if first is not None else frame
-        keys.append(_frame_key(frame))
+def _count_all(path, stream_index: int) -> tuple[np.ndarray, bool, object]:
+    """Decode everything from the start: (pts or counted indices, counted?, a frame).
+
+    The slow path, for files whose timestamps cannot identify frames or whose tail
+    check failed; a fresh container because some of those files cannot seek.
+    """
+    keys, sample = [], None
+    with _open(path) as container:
+        stream = container.streams[stream_index]
+        stream.thread_type = "AUTO"
+        for frame in _decode(container, stream):
+            sample = sample if sample is not None else frame
+            keys.append(_frame_key(frame))
     if not _monotonic(keys):
-        return np.arange(len(keys), dtype=np.int64), True, first
-    return np.asarray(keys, np.int64), False, first
+        return np.arange(len(keys), dtype=np.int64), True, sample
+    return np.asarray(keys, np.int64), False, sample
 
 
 def _is_vfr(pts: np.ndarray) -> bool:
@@ -339,7 +345,7 @@ def _scan(path: str | os.PathLike) -> _Scan:
             counted = good is None
             pts = pts if good is None else good
         if counted or not len(pts):
-            pts, counted, frame = _count_all(container, stream)
+            pts, counted, frame = _count_all(path, stream.index)
             keys = np.zeros(1, np.int64)
         if not len(pts):
             raise VideoError(f"{path}: no decodable video frames (corrupt or truncated file); "
@@ -428,13 +434,13 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     lo, hi = _window(scan, start_s, end_s)
     idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
     use = scan.info.backend if backend == "auto" else backend
-    frames, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
+    frames, used, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
     idx = np.asarray(sorted(frames), np.int64)
     if not len(idx):
         raise VideoError(f"{path}: none of the sampled frames decode (corrupt file); "
                          "re-encode or re-download it")
     stack = np.stack([frames[i] for i in idx]).astype(np.uint8, copy=False)
-    return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=use),
+    return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=used),
                          "pts" if scan.info.vfr else "index/fps",
                          list(scan.warnings) + warnings)
 
@@ -491,8 +497,11 @@ def _window(scan: _Scan, start_s: float | None, end_s: float | None) -> tuple[in
 
 
 def _auto_backend(scan: _Scan) -> str:
-    """decord when installed and exact for this stream; PyAV for VFR and everything else."""
-    if scan.info.vfr or scan.counted or not _decord_random_ok(scan):
+    """decord when installed and exact for this stream; PyAV for VFR, rotated and the rest.
+
+    PyAV resizes in swscale before rotating; decord would need full-size rotated frames.
+    """
+    if scan.info.vfr or scan.info.rotation or not _decord_random_ok(scan):
         return "pyav"
     return "decord" if _import_decord() is not None else "pyav"
 
@@ -514,10 +523,13 @@ def _import_decord():
 
 
 def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool):
-    """Decode the sampled frames with the chosen backend; auto falls back to PyAV."""
+    """Decode the sampled frames: (frames by index, backend used, warnings).
+
+    With backend "auto" a decord failure falls back to PyAV; a forced backend does not.
+    """
     if backend == "decord":
         try:
-            return _read_decord(path, scan, idx, size), []
+            return _read_decord(path, scan, idx, size), "decord", []
         except VideoError:
             if strict:
                 raise
@@ -525,35 +537,50 @@ def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool):
     missing = len(idx) - len(got)
     warn = [f"{path}: {missing} of {len(idx)} sampled frames did not decode and were "
             "dropped"] if missing else []
-    return got, warn
+    return got, "pyav", warn
 
 
 # --------------------------------------------------------------------------- PyAV reading
 
 
 def _read_pyav(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
-    """Seek to each target's GOP only when that skips decoding; identify frames by pts."""
-    wanted, got = set(int(i) for i in idx), {}
-    with _open(path) as container:
-        stream = container.streams[scan.stream_index]
-        stream.thread_type = "AUTO"
-        frames, last = None, -1
-        for t in sorted(wanted):
-            if t in got:
-                continue
-            key = scan.key_before(t)
-            if frames is None or t <= last or (key > last + 1 and not scan.counted):
-                frames = _indexed(container, stream, scan, None if scan.counted else key)
-                if scan.counted:
-                    container.seek(0, stream=stream)
-            last = _decode_until(frames, t, wanted, got, size, scan.info.rotation)
-            if last < t:
-                frames = None
-        if len(got) < len(wanted) and not scan.counted:
-            container.seek(0, stream=stream)
-            _decode_until(_indexed(container, stream, scan), max(wanted), wanted - set(got),
-                          got, size, scan.info.rotation)
+    """Seeking pass where timestamps allow it, then a sequential pass for anything missed."""
+    import av
+
+    wanted, got = {int(i) for i in idx}, {}
+    if not scan.counted:
+        try:
+            with _open(path) as container:
+                _read_seeking(container, scan, wanted, got, size)
+        except av.FFmpegError:
+            pass  # unseekable file: the sequential pass below gets everything
+    missing = wanted - set(got)
+    if missing:
+        with _open(path) as container:
+            stream = container.streams[scan.stream_index]
+            stream.thread_type = "AUTO"
+            _decode_until(_indexed(container, stream, scan), max(missing), missing, got,
+                          size, scan.info.rotation)
     return got
+
+
+def _read_seeking(container, scan: _Scan, wanted: set, got: dict, size) -> None:
+    """Visit targets in order; seek to a target's GOP only when that skips decoding.
+
+    Frames are identified by pts, so a seek that lands early costs time, never correctness.
+    """
+    stream = container.streams[scan.stream_index]
+    stream.thread_type = "AUTO"
+    frames, last = None, -1
+    for t in sorted(wanted):
+        if t in got:
+            continue
+        key = scan.key_before(t)
+        if frames is None or t <= last or key > last + 1:
+            frames = _indexed(container, stream, scan, key)
+        last = _decode_until(frames, t, wanted, got, size, scan.info.rotation)
+        if last < t:
+            frames = None
 
 
 def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: int) -> int:
@@ -572,40 +599,44 @@ def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: i
 
 
 def _read_decord(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
-    """get_batch on sorted indices where decord seeks exactly, else a sequential pass."""
+    """decord reads where its seeks are exact, else one contiguous pass from frame 0."""
     decord = _import_decord()
     if decord is None:
         raise VideoError("backend 'decord' requested but decord is not installed; "
                          "use backend 'auto' or 'pyav'")
-    w, h = size if size is not None else (-1, -1)
+    # decord 0.6 rotates by itself but mis-sizes resized rotated frames (buffer size check
+    # fails): decode rotated videos at full size and resize here.
+    w, h = size if size is not None and scan.info.rotation == 0 else (-1, -1)
     try:
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
         if len(vr) < scan.info.num_frames:
             raise VideoError(f"{path}: decord sees only {len(vr)} of "
                              f"{scan.info.num_frames} frames; use backend 'pyav'")
-        if _decord_random_ok(scan):
-            arr = _np(vr.get_batch([int(i) for i in idx]))
-        else:
-            arr = _decord_sequential(vr, idx)
+        read = _decord_random if _decord_random_ok(scan) else _decord_sequential
+        return {i: _decord_fix(a, scan.info, size) for i, a in read(vr, idx)}
     except VideoError:
         raise
     except Exception as exc:  # noqa: BLE001 - decord raises DECORDError/RuntimeError/...
         raise VideoError(f"{path}: decord cannot read this file ({type(exc).__name__}); "
                          "use backend 'pyav'") from None
-    return {int(i): _decord_fix(a, scan.info, size) for i, a in zip(idx, arr)}
 
 
-def _decord_sequential(vr, idx: np.ndarray, chunk: int = 32) -> list[np.ndarray]:
+def _decord_random(vr, idx: np.ndarray) -> Iterator[tuple[int, np.ndarray]]:
+    """One frame at a time in sorted order: decord seeks only when it must."""
+    for i in sorted(int(i) for i in idx):
+        yield i, _np(vr.get_batch([i]))[0]
+
+
+def _decord_sequential(vr, idx: np.ndarray, chunk: int = 16) -> Iterator[tuple[int, np.ndarray]]:
     """Read frames 0..max(idx) in contiguous batches, keeping the wanted ones.
 
-    decord only decodes correctly here when every read continues where the last stopped:
-    its seeks and `skip_frames` land on wrong frames for these streams.
+    decord only decodes these streams correctly when every read continues where the last
+    stopped: its seeks and `skip_frames` land on wrong frames.
     """
-    wanted, out = set(int(i) for i in idx), {}
-    for a in range(0, int(max(idx)) + 1, chunk):
-        batch = _np(vr.get_batch(list(range(a, min(a + chunk, int(max(idx)) + 1)))))
-        out.update({a + j: f for j, f in enumerate(batch) if a + j in wanted})
-    return [out[int(i)] for i in idx]
+    wanted, end = {int(i) for i in idx}, int(max(idx)) + 1
+    for a in range(0, end, chunk):
+        batch = _np(vr.get_batch(list(range(a, min(a + chunk, end)))))
+        yield from ((a + j, f) for j, f in enumerate(batch) if a + j in wanted)
 
 
 def _np(x) -> np.ndarray:
@@ -614,11 +645,12 @@ def _np(x) -> np.ndarray:
 
 
 def _decord_fix(arr: np.ndarray, info: VideoInfo, size) -> np.ndarray:
-    """decord 0.6 applies rotation itself; a build that doesn't returns transposed shapes."""
+    """Resize full-size rotated frames; rotate if a decord build left them as stored."""
     h, w = (info.height, info.width) if size is None else (size[1], size[0])
     if arr.shape[:2] == (h, w):
         return arr
     import cv2
 
-    arr = _upright(arr, info.rotation)
+    if arr.shape[:2] != (info.height, info.width):
+        arr = _upright(arr, info.rotation)
     return cv2.resize(arr, (w, h), interpolation=cv2.INTER_AREA)

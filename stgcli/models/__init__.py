@@ -1,0 +1,1 @@
+"""Model implementations. Each model lives in its own folder, laid out as transformers does."""

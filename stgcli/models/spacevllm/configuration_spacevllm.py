@@ -1,0 +1,74 @@
+"""SpaceVLLM configuration: LlavaOnevision's config plus the grounding parts.
+
+The same class describes the full-size SpaceVLLM-7B (LLaVA-Video-7B-Qwen2 shapes) and the tiny
+built-in model; only the numbers differ (see `tiny_config` and `spacevllm_7b_config`).
+"""
+from huggingface_hub.dataclasses import strict
+from transformers import LlavaOnevisionConfig
+
+
+@strict
+class SpaceVLLMConfig(LlavaOnevisionConfig):
+    r"""
+    query_token_index: id of the spatio-temporal query token placed after each frame's visual tokens.
+    decoder_hidden_size / decoder_layers / decoder_heads: the Query-Guided Space Decoder's size.
+    text_condition_layers: layers in which visual tokens attend to the sentence before decoding.
+    num_frames: frames sampled per clip by default.
+    time_decimals: decimals of the timestamps written in the prompt and the answer.
+    training_vocabulary: words seen in training queries; None means "open vocabulary" (no warning).
+    box_l1_weight / box_giou_weight / presence_weight / lm_weight: training loss weights.
+    """
+
+    model_type = "spacevllm"
+
+    query_token_index: int = 151648
+    decoder_hidden_size: int = 256
+    decoder_layers: int = 2
+    decoder_heads: int = 8
+    text_condition_layers: int = 1
+    num_frames: int = 32
+    time_decimals: int = 1
+    training_vocabulary: list | None = None
+    box_l1_weight: float = 5.0
+    box_giou_weight: float = 2.0
+    presence_weight: float = 1.0
+    lm_weight: float = 1.0
+
+
+def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,
+                pad_token_id: int, eos_token_id: int, training_vocabulary: list[str]) -> SpaceVLLMConfig:
+    """The built-in model's shapes: a few-layer SigLIP and Qwen2, small enough to train on a CPU."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=384,
+                  num_hidden_layers=3, num_attention_heads=4, image_size=128, patch_size=16,
+                  vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=192, intermediate_size=512,
+                num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
+                max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
+                pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
+    return SpaceVLLMConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_index,
+        video_token_index=video_token_index, query_token_index=query_token_index,
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
+        decoder_hidden_size=128, decoder_layers=2, decoder_heads=4, num_frames=16, time_decimals=1,
+        training_vocabulary=sorted(training_vocabulary), pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def spacevllm_7b_config(vocab_size: int = 152064, image_token_index: int = 151646,
+                        video_token_index: int = 151647, query_token_index: int = 151648) -> SpaceVLLMConfig:
+    """LLaVA-Video-7B-Qwen2 shapes: SigLIP so400m/14 at 384 px, 2x2 pooling, Qwen2-7B."""
+    vision = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304,
+                  num_hidden_layers=26, num_attention_heads=16, image_size=384, patch_size=14,
+                  vision_use_head=False)
+    text = dict(model_type="qwen2", vocab_size=vocab_size, hidden_size=3584, intermediate_size=18944,
+                num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
+                tie_word_embeddings=False, eos_token_id=151645, pad_token_id=151643)
+    return SpaceVLLMConfig(
+        vision_config=vision, text_config=text, image_token_index=image_token_index,
+        video_token_index=video_token_index, query_token_index=query_token_index,
+        vision_feature_layer=-2, vision_feature_select_strategy="full", tie_word_embeddings=False,
+        decoder_hidden_size=512, decoder_layers=2, decoder_heads=8, num_frames=64, time_decimals=2,
+        training_vocabulary=None,
+    )

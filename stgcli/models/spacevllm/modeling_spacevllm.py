@@ -1,0 +1,219 @@
+"""SpaceVLLM: LlavaOnevision + spatio-temporal aware queries + a query-guided space decoder.
+
+Vision and language run entirely through transformers' LlavaOnevisionForConditionalGeneration
+(SigLIP tower, projector, 2x2 pooling, Qwen2). What is added here:
+
+* one query token per sampled frame, right after that frame's visual tokens in `input_ids`
+  (the processor lays them out; transformers fills the video placeholders in order);
+* the Query-Guided Space Decoder: per frame, the query's last-layer hidden state attends to that
+  frame's visual features (the projector output before pooling, so the decoder sees the full
+  patch grid), which first attend to the sentence's hidden states. A head predicts a normalised
+  (cx, cy, w, h) box and a presence logit (is the described object in this frame?).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlavaOnevisionForConditionalGeneration
+from transformers.utils import ModelOutput
+
+from .configuration_spacevllm import SpaceVLLMConfig
+
+
+@dataclass
+class SpaceVLLMOutput(ModelOutput):
+    """Training/forward output. `boxes` are normalised cxcywh per sampled frame (B, F, 4)."""
+
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    box_loss: torch.Tensor | None = None
+    presence_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+    presence_logits: torch.Tensor | None = None
+
+
+class SpaceDecoder(nn.Module):
+    """Query-Guided Space Decoder. Built from torch's own transformer decoder layers."""
+
+    def __init__(self, config: SpaceVLLMConfig):
+        super().__init__()
+        d_llm = config.text_config.hidden_size
+        d = config.decoder_hidden_size
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+        self.grid = grid
+        self.visual_proj = nn.Linear(d_llm, d)
+        self.text_proj = nn.Linear(d_llm, d)
+        self.query_proj = nn.Linear(d_llm, d)
+        self.pos_embed = nn.Parameter(torch.zeros(grid * grid, d))
+
+        def layer() -> nn.TransformerDecoderLayer:
+            return nn.TransformerDecoderLayer(d, config.decoder_heads, dim_feedforward=4 * d, dropout=0.0,
+                                              activation="gelu", batch_first=True, norm_first=True)
+
+        self.text_condition = nn.ModuleList([layer() for _ in range(config.text_condition_layers)])
+        self.query_layers = nn.ModuleList([layer() for _ in range(config.decoder_layers)])
+        self.norm = nn.LayerNorm(d)
+        self.box_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 4))
+        # Presence reads the query's own hidden state (no cross-attention needed to tell *whether*
+        # the object is in the frame), so it is cheap on every frame; boxes only where needed.
+        self.presence_head = nn.Sequential(nn.Linear(d_llm, d), nn.GELU(), nn.Linear(d, 1))
+
+    def presence(self, query_h: torch.Tensor) -> torch.Tensor:
+        return self.presence_head(query_h).squeeze(-1)
+
+    def forward(self, query_h: torch.Tensor, visual: torch.Tensor, text_h: torch.Tensor,
+                text_pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """query_h (N, D), visual (N, P, D), text_h (N, L, D) -> boxes (N, 4), normalised cxcywh."""
+        v = self.visual_proj(visual) + self.pos_embed.to(visual.dtype)
+        t = self.text_proj(text_h)
+        for blk in self.text_condition:
+            v = blk(v, t, memory_key_padding_mask=text_pad_mask)
+        q = self.query_proj(query_h).unsqueeze(1)
+        for blk in self.query_layers:
+            q = blk(q, v)
+        q = self.norm(q[:, 0])
+        return self.box_head(q).sigmoid()
+
+
+def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
+    cx, cy, w, h = b.unbind(-1)
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+
+
+def generalized_box_iou_loss(pred_xyxy: torch.Tensor, gt_xyxy: torch.Tensor) -> torch.Tensor:
+    """1 - GIoU, elementwise (torchvision has it, but no CPU torchvision wheel exists for our torch)."""
+    x1 = torch.max(pred_xyxy[:, 0], gt_xyxy[:, 0]); y1 = torch.max(pred_xyxy[:, 1], gt_xyxy[:, 1])
+    x2 = torch.min(pred_xyxy[:, 2], gt_xyxy[:, 2]); y2 = torch.min(pred_xyxy[:, 3], gt_xyxy[:, 3])
+    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)
+    area_p = (pred_xyxy[:, 2] - pred_xyxy[:, 0]).clamp(min=0) * (pred_xyxy[:, 3] - pred_xyxy[:, 1]).clamp(min=0)
+    area_g = (gt_xyxy[:, 2] - gt_xyxy[:, 0]) * (gt_xyxy[:, 3] - gt_xyxy[:, 1])
+    union = area_p + area_g - inter
+    iou = inter / union.clamp(min=1e-7)
+    cx1 = torch.min(pred_xyxy[:, 0], gt_xyxy[:, 0]); cy1 = torch.min(pred_xyxy[:, 1], gt_xyxy[:, 1])
+    cx2 = torch.max(pred_xyxy[:, 2], gt_xyxy[:, 2]); cy2 = torch.max(pred_xyxy[:, 3], gt_xyxy[:, 3])
+    hull = ((cx2 - cx1) * (cy2 - cy1)).clamp(min=1e-7)
+    return 1 - (iou - (hull - union) / hull)
+
+
+class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
+    """LlavaOnevision with per-frame query tokens and a space decoder. Weight names stay those of
+    LlavaOnevision (`model.vision_tower.*`, `model.language_model.*`, `lm_head`) plus `space_decoder.*`."""
+
+    config_class = SpaceVLLMConfig
+    config: SpaceVLLMConfig
+
+    def __init__(self, config: SpaceVLLMConfig):
+        super().__init__(config)
+        self.space_decoder = SpaceDecoder(config)
+        self.post_init()
+
+    # -- vision --------------------------------------------------------------------------------
+    def encode_video(self, pixel_values_videos: torch.Tensor):
+        """Run the vision tower once; return transformers' video features (pooled, for the LLM) and
+        the un-pooled projected patch features of every frame (B, F, P, D) for the space decoder."""
+        b, f = pixel_values_videos.shape[:2]
+        out = self.model.get_video_features(pixel_values_videos, return_dict=True, output_hidden_states=True)
+        layer = self.config.vision_feature_layer
+        selected = out.hidden_states[layer]
+        patches = self.model.multi_modal_projector(selected)
+        return out, patches.view(b, f, patches.shape[1], patches.shape[2])
+
+    # -- forward -------------------------------------------------------------------------------
+    def ground_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       pixel_values_videos: torch.Tensor, text_mask: torch.Tensor,
+                       labels: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None,
+                       gt_in_span: torch.Tensor | None = None, decode_mask: torch.Tensor | None = None,
+                       use_cache: bool = False):
+        """One pass over prompt (+ answer when training).
+
+        input_ids/attention_mask (B, L); pixel_values_videos (B, F, 3, S, S); text_mask (B, L) marks the
+        sentence's tokens; labels (B, L) with -100 outside the answer; gt_boxes (B, F, 4) normalised
+        xyxy; gt_in_span (B, F) bool; decode_mask (B, F) bool: frames the space decoder boxes (default
+        all; training passes a subset of in-span frames, since only those carry a box loss).
+        Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh - zeros where not decoded - and presence
+        logits (B, F), past_key_values or None, last hidden states).
+        """
+        video_out, patches = self.encode_video(pixel_values_videos)
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         mm_encoder_outputs={"video": video_out}, use_cache=use_cache)
+        hidden = out.last_hidden_state
+        b, f = patches.shape[:2]
+        qmask = input_ids == self.config.query_token_index
+        query_h = hidden[qmask].view(b, f, -1)
+        presence = self.space_decoder.presence(query_h)
+        if decode_mask is None:
+            decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
+        text_h, text_pad = self._sentence_states(hidden, text_mask)
+        sample_of = torch.arange(b, device=hidden.device)[:, None].expand(b, f)[decode_mask]
+        boxes = hidden.new_zeros(b, f, 4)
+        if decode_mask.any():
+            boxes[decode_mask] = self.space_decoder(query_h[decode_mask], patches[decode_mask],
+                                                    text_h[sample_of], text_pad[sample_of])
+
+        result = SpaceVLLMOutput(boxes=boxes, presence_logits=presence)
+        if labels is not None:
+            # Logits only where an answer token is predicted: the vocabulary projection over the whole
+            # (mostly visual) sequence would dominate the step time for nothing.
+            shift_labels = labels[:, 1:]
+            sel = shift_labels != -100
+            logits = self.lm_head(hidden[:, :-1][sel])
+            lm_loss = F.cross_entropy(logits.float(), shift_labels[sel])
+            pres_loss = F.binary_cross_entropy_with_logits(presence.float(), gt_in_span.float())
+            box_sel = gt_in_span & decode_mask
+            if box_sel.any():
+                pb = _cxcywh_to_xyxy(boxes[box_sel].float())
+                gb = gt_boxes[box_sel].float()
+                box_loss = (self.config.box_l1_weight * F.l1_loss(pb, gb)
+                            + self.config.box_giou_weight * generalized_box_iou_loss(pb, gb).mean())
+            else:
+                box_loss = boxes.sum() * 0.0
+            result.lm_loss, result.box_loss, result.presence_loss = lm_loss, box_loss, pres_loss
+            result.loss = (self.config.lm_weight * lm_loss + box_loss
+                           + self.config.presence_weight * pres_loss)
+        return result, (out.past_key_values if use_cache else None), hidden
+
+    @staticmethod
+    def _sentence_states(hidden: torch.Tensor, text_mask: torch.Tensor):
+        """Gather each sample's sentence hidden states into a padded (B, Lmax, D) block + pad mask."""
+        lens = text_mask.sum(1)
+        lmax = max(int(lens.max()), 1)
+        out = hidden.new_zeros(hidden.shape[0], lmax, hidden.shape[-1])
+        pad = torch.ones(hidden.shape[0], lmax, dtype=torch.bool, device=hidden.device)
+        for i in range(hidden.shape[0]):
+            n = int(lens[i])
+            if n:
+                out[i, :n] = hidden[i][text_mask[i]]
+                pad[i, :n] = False
+            else:
+                pad[i, 0] = False  # attend to a zero vector rather than to nothing (NaN)
+        return out, pad
+
+    @torch.no_grad()
+    def ground(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values_videos: torch.Tensor,
+               text_mask: torch.Tensor, max_new_tokens: int = 16, eos_token_id: int | None = None):
+        """Inference for one clip (batch 1): greedy answer tokens + per-frame boxes and presence.
+
+        The boxes for all sampled frames come from the same prefill; the pipeline keeps those inside
+        the span the answer names. Greedy decoding is written out (a dozen steps) because the prefill's
+        hidden states are needed for the decoder and `generate()` would run the prefill a second time.
+        """
+        res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
+                                                use_cache=True)
+        eos = eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id
+        next_tok = self.lm_head(hidden[:, -1]).argmax(-1)
+        tokens = []
+        mask = attention_mask
+        for _ in range(max_new_tokens):
+            tokens.append(int(next_tok))
+            if eos is not None and int(next_tok) == eos:
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            step = self.model.language_model(input_ids=next_tok.view(1, 1), attention_mask=mask,
+                                             past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            next_tok = self.lm_head(step.last_hidden_state[:, -1]).argmax(-1)
+        return tokens, res.boxes[0], torch.sigmoid(res.presence_logits[0])

@@ -1,0 +1,187 @@
+"""SpaceVLLM processor: frames + sentence -> model inputs, answer text -> span, boxes -> pixels.
+
+Written by hand rather than on transformers' LlavaOnevisionProcessor because that processor's
+video path needs torchvision, which has no CPU wheel for the torch we pin, and because the
+prompt here interleaves timestamps, visual placeholders and query tokens per frame:
+
+    <prefix> <sentence> <intro> [t_0 <video>*T <query>] ... [t_{F-1} <video>*T <query>] <video> <suffix>
+
+(the last <video> is LlavaOnevision's image_newline feature, which transformers appends after
+the frames). Frames are resized to the vision tower's square input without padding; boxes map
+back by scaling x by width and y by height, which inverts that resize exactly.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+PROCESSOR_FILE = "processor_config.json"
+
+
+@dataclass
+class ProcessorSettings:
+    image_size: int = 160
+    patch_size: int = 16
+    image_mean: tuple = (0.5, 0.5, 0.5)
+    image_std: tuple = (0.5, 0.5, 0.5)
+    time_decimals: int = 1
+    video_token: str = "<video>"
+    query_token: str = "<stq>"
+    prefix: str = "find :"
+    intro: str = ""
+    suffix: str = "answer :"
+    answer_template: str = "from {start} to {end} seconds"
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_frame(self) -> int:
+        g = math.ceil(self.image_size // self.patch_size / 2)
+        return g * g
+
+
+_ANSWER_NUM = r"(\d+(?:\.\d+)?)"
+
+
+class SpaceVLLMProcessor:
+    """Turns (frames, times, sentence) into tensors and the model's answer back into a span."""
+
+    def __init__(self, tokenizer, settings: ProcessorSettings):
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.video_token_id = tokenizer.convert_tokens_to_ids(settings.video_token)
+        self.query_token_id = tokenizer.convert_tokens_to_ids(settings.query_token)
+        pattern = re.escape(settings.answer_template).replace(r"\{start\}", _ANSWER_NUM).replace(r"\{end\}", _ANSWER_NUM)
+        self._answer_re = re.compile(pattern)
+
+    # -- persistence ---------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(directory)
+        (directory / PROCESSOR_FILE).write_text(json.dumps(asdict(self.settings), indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "SpaceVLLMProcessor":
+        from transformers import PreTrainedTokenizerFast
+
+        directory = Path(directory)
+        settings = json.loads((directory / PROCESSOR_FILE).read_text())
+        settings["image_mean"] = tuple(settings["image_mean"])
+        settings["image_std"] = tuple(settings["image_std"])
+        tok = PreTrainedTokenizerFast.from_pretrained(str(directory))
+        return cls(tok, ProcessorSettings(**settings))
+
+    # -- frames --------------------------------------------------------------------------------
+    def preprocess_frames(self, frames: np.ndarray) -> np.ndarray:
+        """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32 normalised. Resizes only if needed."""
+        import cv2
+
+        s = self.settings.image_size
+        if frames.shape[1:3] != (s, s):
+            frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
+        x = frames.astype(np.float32) * (1.0 / 255.0)
+        x = (x - np.asarray(self.settings.image_mean, np.float32)) / np.asarray(self.settings.image_std, np.float32)
+        return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+    # -- text ----------------------------------------------------------------------------------
+    def format_time(self, t: float) -> str:
+        return f"{t:.{self.settings.time_decimals}f}"
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def encode_prompt(self, query: str, times_s) -> tuple[list[int], list[bool]]:
+        """Token ids of the prompt and a mask marking the sentence's tokens (for the space decoder)."""
+        s = self.settings
+        ids = self._ids(s.prefix)
+        sent = self._ids(query)
+        text_mask = [False] * len(ids) + [True] * len(sent)
+        ids = ids + sent
+        ids += self._ids(s.intro)
+        block = [self.video_token_id] * s.tokens_per_frame + [self.query_token_id]
+        for t in times_s:
+            ids += self._ids(self.format_time(float(t))) + block
+        ids += [self.video_token_id]
+        ids += self._ids(s.suffix)
+        text_mask += [False] * (len(ids) - len(text_mask))
+        return ids, text_mask
+
+    def encode_answer(self, start_s: float, end_s: float) -> list[int]:
+        text = self.settings.answer_template.format(start=self.format_time(start_s), end=self.format_time(end_s))
+        eos = self.tokenizer.eos_token_id
+        return self._ids(text) + ([eos] if eos is not None else [])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def parse_answer(self, text: str, duration_s: float) -> tuple[float, float] | None:
+        """Strict: the whole answer must match the template; start <= end, both inside the clip
+        (a little slack for rounding). Anything else is no span, never an exception."""
+        norm = re.sub(r"\s*\.\s*(?=\d)", ".", text.strip())
+        norm = re.sub(r"(?<=\d) (?=[\d.])", "", norm)
+        norm = re.sub(r"\s+", " ", norm)
+        m = self._answer_re.fullmatch(norm)
+        if not m:
+            return None
+        try:
+            start, end = float(m.group(1)), float(m.group(2))
+        except ValueError:
+            return None
+        slack = 10 ** -self.settings.time_decimals
+        if not (0 <= start <= end <= duration_s + slack):
+            return None
+        return start, min(end, duration_s)
+
+    # -- span and boxes ------------------------------------------------------------------------
+    @staticmethod
+    def snap_span(start_s: float, end_s: float, times_s, duration_s: float) -> tuple[float, float]:
+        """The model names the first and last sampled frames where the object is seen. The true
+        boundary lies between that frame and its outside neighbour; the midpoint halves the expected
+        error. Returns the span in seconds."""
+        times = np.asarray(times_s, dtype=np.float64)
+        i = int(np.abs(times - start_s).argmin())
+        j = int(np.abs(times - end_s).argmin())
+        i, j = min(i, j), max(i, j)
+        lo = 0.0 if i == 0 else (times[i - 1] + times[i]) / 2
+        hi = duration_s if j == len(times) - 1 else (times[j] + times[j + 1]) / 2
+        return float(lo), float(hi)
+
+    @staticmethod
+    def boxes_to_pixels(cxcywh: np.ndarray, width: int, height: int) -> np.ndarray:
+        """Normalised (cx, cy, w, h) on the square model input -> xyxy pixels of the original frame."""
+        b = np.asarray(cxcywh, dtype=np.float64).reshape(-1, 4)
+        x1 = (b[:, 0] - b[:, 2] / 2) * width
+        x2 = (b[:, 0] + b[:, 2] / 2) * width
+        y1 = (b[:, 1] - b[:, 3] / 2) * height
+        y2 = (b[:, 1] + b[:, 3] / 2) * height
+        return np.stack([x1, y1, x2, y2], 1)
+
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<eos>", "<image>", "<video>", "<stq>"]
+PROMPT_WORDS = ["find", "answer", "from", "to", "seconds", ":", ".", *"0123456789"]
+
+
+def build_word_tokenizer(words: list[str]):
+    """A word-level tokenizer for a closed-vocabulary model (the built-in shapes model).
+
+    Digits are single tokens so any timestamp can be written; any other word outside `words`
+    becomes <unk> (the pipeline warns about such words before the model sees them).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(SPECIAL_TOKENS)}
+    for w in [*PROMPT_WORDS, *sorted(set(words))]:
+        vocab.setdefault(w, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)])
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>",
+                                   additional_special_tokens=["<image>", "<video>", "<stq>"])

@@ -1,0 +1,297 @@
+"""`stg train`: train a SpaceVLLM model on shapes-world clips drawn on the fly.
+
+Loss = LM cross-entropy on the answer text + L1 + GIoU on boxes of frames inside the true span
++ BCE on per-frame presence. Deterministic for a seed: the data of step k is drawn from
+(seed, k) alone, so `--resume` continues with exactly the batches an uninterrupted run would see.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    seed: int = 0
+    steps: int = 3000
+    batch_size: int = 8
+    lr: float = 6e-4
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 150
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    num_frames: int = 16
+    min_frames: int = 10            # frame count varies per batch between these for robustness
+    max_frames: int = 24
+    decode_frames: int = 6          # in-span frames per clip that get a box loss each step
+    vary_frames_prob: float = 0.3
+    native_fraction: float = 0.3    # clips drawn at their own size then resized like the processor
+    jpeg_prob: float = 0.5          # compression artefacts, standing in for H.264
+    blur_prob: float = 0.2
+    checkpoint_every: int = 250
+    log_every: int = 10
+    threads: int = 0                # 0: torch's default
+    data_workers: int = 1           # processes drawing clips ahead of the training step
+    max_minutes: float = 0.0        # stop (and save) after this long; 0: no limit
+    model: dict = field(default_factory=dict)   # overrides of tiny_config fields
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> "TrainConfig":
+        p = Path(path)
+        if not p.is_file():
+            raise UserError(f"{p}: training config not found; pass a TOML file (see examples/train-tiny.toml)")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"{p}: not valid TOML ({e})") from None
+        data = data.get("train", data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UserError(f"{p}: unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+def new_tiny_model(cfg: TrainConfig, seed: int):
+    """A freshly initialised built-in-size model and its processor."""
+    import torch
+
+    from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
+    from .models.spacevllm.configuration_spacevllm import tiny_config
+    from .models.spacevllm.processing_spacevllm import ProcessorSettings, build_word_tokenizer
+    from .synth import VOCABULARY
+
+    tok = build_word_tokenizer(VOCABULARY)
+    ids = tok.convert_tokens_to_ids
+    config = tiny_config(len(tok), ids("<image>"), ids("<video>"), ids("<stq>"), tok.pad_token_id,
+                         tok.eos_token_id, VOCABULARY)
+    for k, v in cfg.model.items():
+        if k in ("vision_config", "text_config"):
+            for kk, vv in v.items():
+                setattr(getattr(config, k), kk, vv)
+        else:
+            setattr(config, k, v)
+    config.num_frames = cfg.num_frames
+    torch.manual_seed(seed)
+    model = SpaceVLLMForConditionalGeneration(config)
+    vc = config.vision_config
+    settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size,
+                                 time_decimals=config.time_decimals)
+    return model, SpaceVLLMProcessor(tok, settings)
+
+
+def _augment(frames: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
+    import cv2
+
+    if rng.random() < cfg.blur_prob:
+        s = float(rng.uniform(0.3, 0.9))
+        frames = np.stack([cv2.GaussianBlur(f, (0, 0), s) for f in frames])
+    if rng.random() < cfg.jpeg_prob:
+        q = int(rng.integers(35, 95))
+        out = []
+        for f in frames:
+            ok, buf = cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, q])
+            out.append(cv2.imdecode(buf, cv2.IMREAD_UNCHANGED))
+        frames = np.stack(out)
+    return frames
+
+
+def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainConfig) -> dict:
+    """One training sample: a fresh clip, its sampled frames at model size, and the targets."""
+    import cv2
+
+    from .synth import render_frame, sample_clip
+
+    spec = sample_clip(rng)
+    idx = np.unique(np.linspace(0, spec.num_frames - 1, n_frames).round().astype(int))
+    times = idx / spec.fps
+    s = processor.settings.image_size
+    if rng.random() < cfg.native_fraction:
+        interp = [cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC][int(rng.integers(3))]
+        frames = np.stack([cv2.resize(render_frame(spec, t, rng), (s, s), interpolation=interp) for t in times])
+    else:
+        frames = np.stack([render_frame(spec, t, rng, (s, s), noise_scale=None) for t in times])
+    frames = _augment(frames, rng, cfg)
+    o = spec.objects[spec.target]
+    in_span = np.array([o.visible(t) for t in times])
+    boxes = np.array([o.box(t) for t in times], dtype=np.float32) / np.array(
+        [spec.width, spec.height, spec.width, spec.height], dtype=np.float32)
+    first, last = np.flatnonzero(in_span)[[0, -1]]
+    prompt, text_mask = processor.encode_prompt(spec.query, times)
+    answer = processor.encode_answer(times[first], times[last])
+    return {"pixels": processor.preprocess_frames(frames), "prompt": prompt, "text_mask": text_mask,
+            "answer": answer, "in_span": in_span, "boxes": np.clip(boxes, 0, 1), "spec": spec, "times": times}
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    import torch
+
+    n = max(len(s["prompt"]) + len(s["answer"]) for s in samples)
+    f = max(len(s["times"]) for s in samples)
+    b = len(samples)
+    ids = torch.full((b, n), pad_id, dtype=torch.long)
+    att = torch.zeros((b, n), dtype=torch.long)
+    labels = torch.full((b, n), -100, dtype=torch.long)
+    tmask = torch.zeros((b, n), dtype=torch.bool)
+    for i, s in enumerate(samples):
+        seq = s["prompt"] + s["answer"]
+        ids[i, :len(seq)] = torch.tensor(seq)
+        att[i, :len(seq)] = 1
+        labels[i, len(s["prompt"]):len(seq)] = torch.tensor(s["answer"])
+        tmask[i, :len(s["text_mask"])] = torch.tensor(s["text_mask"])
+    assert all(len(s["times"]) == f for s in samples), "a batch shares one frame count"
+    return {"input_ids": ids, "attention_mask": att, "labels": labels, "text_mask": tmask,
+            "pixel_values_videos": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
+            "gt_boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])),
+            "gt_in_span": torch.from_numpy(np.stack([s["in_span"] for s in samples]))}
+
+
+def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
+    """The batch of `step`, a pure function of (seed, step)."""
+    import torch
+
+    rng = np.random.default_rng([cfg.seed, step])
+    n_frames = cfg.num_frames
+    if rng.random() < cfg.vary_frames_prob:
+        n_frames = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
+    samples = [draw_sample(rng, processor, n_frames, cfg) for _ in range(cfg.batch_size)]
+    # Clips shorter than n_frames frames sample fewer; keep the batch rectangular.
+    f = min(len(s["times"]) for s in samples)
+    if any(len(s["times"]) != f for s in samples):
+        samples = [s for s in samples if len(s["times"]) == f] or samples[:1]
+    batch = collate(samples, processor.tokenizer.pad_token_id)
+    # Box loss on a few in-span frames per clip: the decoder is the costly part of a step, and
+    # neighbouring frames teach it nearly the same thing.
+    scores = torch.from_numpy(rng.random(batch["gt_in_span"].shape)) * batch["gt_in_span"]
+    k = min(cfg.decode_frames, scores.shape[1])
+    top = scores.topk(k, dim=1).indices
+    batch["decode_mask"] = torch.zeros_like(batch["gt_in_span"]).scatter_(1, top, True) & batch["gt_in_span"]
+    return batch
+
+
+def _batches(cfg: TrainConfig, processor, start: int, workers: int):
+    """Batches start..steps-1, drawn in a background process so rendering overlaps the step."""
+    import torch
+
+    class Steps(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return (make_batch(cfg, processor, k) for k in range(start, cfg.steps))
+
+    def init(_):
+        import cv2
+
+        torch.set_num_threads(1)
+        cv2.setNumThreads(1)
+
+    if workers == 0:
+        return iter(Steps())
+    return iter(torch.utils.data.DataLoader(Steps(), batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            worker_init_fn=init, persistent_workers=False))
+
+
+def _lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: list[dict]) -> Path:
+    """Write model + processor (a complete model directory) and the optimizer state; swap atomically."""
+    import torch
+
+    ckpt = out_dir / "checkpoint"
+    tmp = out_dir / "checkpoint.tmp"
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    model.save_pretrained(tmp, safe_serialization=True)
+    processor.save_pretrained(tmp)
+    # The optimizer state is ours (not a user's download), written and read by this code only.
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "log": log}) + "\n")
+    if ckpt.exists():
+        old = out_dir / "checkpoint.old"
+        ckpt.rename(old)
+        tmp.rename(ckpt)
+        import shutil
+
+        shutil.rmtree(old)
+    else:
+        tmp.rename(ckpt)
+    return ckpt
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run training; returns the directory of the final model."""
+    import torch
+    from tqdm import tqdm
+
+    from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out_dir = Path(cfg.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt = out_dir / "checkpoint"
+    start, log = 0, []
+    if resume and ckpt.exists():
+        model = SpaceVLLMForConditionalGeneration.from_pretrained(ckpt)
+        processor = SpaceVLLMProcessor.from_pretrained(ckpt)
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        start, log = state["step"], state["log"]
+    elif resume:
+        raise UserError(f"{ckpt}: no checkpoint to resume from; run without --resume to start fresh")
+    else:
+        model, processor = new_tiny_model(cfg, cfg.seed)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    if start:
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.manual_seed(cfg.seed + start)
+    t0 = time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
+               dynamic_ncols=True)
+    step = start
+    batches = _batches(cfg, processor, start, cfg.data_workers)
+    for step in bar:
+        batch = next(batches)
+        for g in opt.param_groups:
+            g["lr"] = _lr_at(cfg, step)
+        out, _, _ = model.ground_forward(**batch)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
+               "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
+               "elapsed_s": round(time.time() - t0, 1)}
+        bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
+        if (step + 1) % cfg.log_every == 0:
+            log.append(rec)
+        done = step + 1 == cfg.steps
+        out_of_time = cfg.max_minutes and (time.time() - t0) > cfg.max_minutes * 60
+        if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
+            save_checkpoint(model, processor, opt, step + 1, out_dir, log)
+        if out_of_time:
+            break
+    final = out_dir / "model"
+    model.save_pretrained(final, safe_serialization=True)
+    processor.save_pretrained(final)
+    (out_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
+    return final
