@@ -29,12 +29,18 @@ import numpy as np
 from .errors import VideoError
 
 BACKENDS = ("auto", "decord", "pyav")
-# Codecs whose decord random access matched the painted-frame tests when frames are stored
-# in presentation order, and (second set) also with B-frame reordering.
-_DECORD_CODECS = {"h264", "hevc", "vp8", "vp9", "mjpeg", "mpeg4", "mpeg1video", "mpeg2video"}
-_DECORD_REORDER_OK = {("h264", "mov"), ("h264", "matroska"), ("hevc", "mov"),
-                      ("hevc", "matroska")}
+# Where decord's random access returned exactly the right frames in the painted-frame
+# tests: these containers and codecs without B-frames, and only H.264 with B-frames (MPEG-4
+# part 2 / MPEG-2 with B-frames, and H.264 in AVI, came back shifted). Anything else
+# (HEVC included: no encoder here to test it) goes to PyAV in "auto".
+_DECORD_CONTAINERS = {"mov", "matroska", "avi"}
+_DECORD_CODECS = {"h264", "vp8", "vp9", "mjpeg", "mpeg4", "mpeg2video"}
+_DECORD_REORDER_OK = {("h264", "mov"), ("h264", "matroska")}
 _TAIL_GOPS = 3  # how many trailing GOPs to try before decoding the whole file
+# Containers with a sample index, where a seek lands on a keyframe whose frames carry their
+# true pts. Elsewhere (MPEG-PS/TS, ...) timestamps after a seek are parser guesses: MPEG-PS
+# came back 3 frames off with plausible pts, so those files are only decoded sequentially.
+_SEEKABLE = {"mov", "matroska", "avi"}
 
 
 @dataclass(frozen=True)
@@ -174,7 +180,11 @@ def _frame_key(frame) -> int | None:
 
 
 def _indexed(container, stream, scan: _Scan, seek_index: int | None = None) -> Iterator:
-    """Yield (index, frame) for decoded frames, indices looked up by pts (or counted)."""
+    """Yield (index, frame) for decoded frames, indices looked up by pts (or counted).
+
+    The index is None for a frame whose pts the scan never saw: after a seek in a container
+    without an index (MPEG-PS) the parser guesses timestamps, and they cannot be trusted.
+    """
     if scan.counted:
         for i, frame in enumerate(_decode(container, stream)):
             if i >= scan.info.num_frames:
@@ -182,11 +192,9 @@ def _indexed(container, stream, scan: _Scan, seek_index: int | None = None) -> I
             yield i, frame
         return
     lookup = {int(p): i for i, p in enumerate(scan.pts)}
-    seek = None if seek_index is None else scan.pts[seek_index]
+    seek = scan.pts[seek_index] if seek_index else None  # frame 0: decode from the start
     for frame in _decode(container, stream, seek):
-        i = lookup.get(_frame_key(frame))
-        if i is not None:
-            yield i, frame
+        yield lookup.get(_frame_key(frame)), frame
 
 
 def _rgb(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
@@ -256,14 +264,18 @@ def _verify_tail(container, stream, pts: np.ndarray, keys: np.ndarray):
     """Decode the last GOP(s) and return (decodable pts, rotation sample frame).
 
     Frames before the last GOP that decodes are trusted; frames in it are replaced by what
-    the decoder actually produced. Returns (None, None) when no tried GOP decodes.
+    the decoder actually produced. Returns (None, None) when no tried GOP decodes or the
+    file's timestamps cannot be trusted after a seek: the caller then decodes everything.
     """
+    known = set(pts.tolist())
     for k in keys[::-1][:_TAIL_GOPS]:
         start, got, sample = int(pts[k]), [], None
         try:
             for frame in _decode(container, stream, start):
                 key = _frame_key(frame)
-                if key is not None and key >= start:
+                if key not in known:
+                    return None, None  # timestamps after a seek are guesses (MPEG-PS)
+                if key >= start:
                     got.append(key)
                     sample = frame
         except Exception:  # noqa: BLE001 - an unseekable file: count the slow way
@@ -321,17 +333,23 @@ def _declared_seconds(container, stream) -> float | None:
     """Video duration the container claims (to spot truncation), or None if it doesn't say."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
-    tag = stream.metadata.get("DURATION")
-    if tag:
+    tag = stream.metadata.get("DURATION")  # Matroska: "00:00:04.000000000"
+    try:
         h, m, s = tag.split(":")
         return int(h) * 3600 + int(m) * 60 + float(s)
+    except (AttributeError, ValueError):
+        pass
     if container.duration and len(container.streams) == 1:
         return container.duration / 1_000_000
     return None
 
 
 def _scan(path: str | os.PathLike) -> _Scan:
-    """Demux once, verify the tail decodes, and derive every fact `VideoInfo` reports."""
+    """Demux once, verify the tail decodes, and derive every fact `VideoInfo` reports.
+
+    Fast path: packet timestamps plus a decode of the last GOP. Slow path (no usable
+    timestamps, no seek index, or a tail that does not decode): decode everything once.
+    """
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
@@ -339,14 +357,15 @@ def _scan(path: str | os.PathLike) -> _Scan:
         order = np.argsort(np.asarray(pk.pts, np.int64), kind="stable")
         pts = np.asarray(pk.pts, np.int64)[order]
         keys = np.flatnonzero(np.asarray(pk.keys, bool)[order]) if len(order) else order
-        counted, frame = pk.missing_ts or len(np.unique(pts)) != len(pts), None
-        if len(pts) and not counted:
+        usable = len(pts) and not pk.missing_ts and len(np.unique(pts)) == len(pts)
+        good, frame, counted = None, None, False
+        if usable and _format_name(container) in _SEEKABLE:
             good, frame = _verify_tail(container, stream, pts, keys)
-            counted = good is None
-            pts = pts if good is None else good
-        if counted or not len(pts):
+        if good is None:  # frames identified in one sequential pass; never seek later
             pts, counted, frame = _count_all(path, stream.index)
             keys = np.zeros(1, np.int64)
+        else:
+            pts = good
         if not len(pts):
             raise VideoError(f"{path}: no decodable video frames (corrupt or truncated file); "
                              "re-encode or re-download it")
@@ -449,16 +468,22 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None
                 ) -> Iterator[tuple[int, float, np.ndarray]]:
     """Yield (index, time_s, RGB frame) for every decodable frame, in order, one at a time.
 
-    For rendering: sequential PyAV decode, memory-flat whatever the video length.
+    For rendering: sequential PyAV decode, memory-flat whatever the video length. The file
+    is checked on the call (VideoError now, not at the first `next`).
     """
     _check_args(path, 1, size, "pyav")
-    scan = _scan(path)
+    return _iter_scanned(path, _scan(path), size)
+
+
+def _iter_scanned(path, scan: _Scan, size) -> Iterator[tuple[int, float, np.ndarray]]:
+    """The generator behind iter_frames."""
     times = scan.times_s
     with _open(path) as container:
         stream = container.streams[scan.stream_index]
         stream.thread_type = "AUTO"
         for i, frame in _indexed(container, stream, scan):
-            yield i, float(times[i]), _rgb(frame, size, scan.info.rotation)
+            if i is not None:
+                yield i, float(times[i]), _rgb(frame, size, scan.info.rotation)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -508,7 +533,9 @@ def _auto_backend(scan: _Scan) -> str:
 
 def _decord_random_ok(scan: _Scan) -> bool:
     """Whether decord's get_batch returns the right frames for this codec/container."""
-    if scan.counted or scan.codec not in _DECORD_CODECS or scan.container == "mpegts":
+    if scan.counted or scan.codec not in _DECORD_CODECS:
+        return False
+    if scan.container not in _DECORD_CONTAINERS:
         return False
     return not scan.reordered or (scan.codec, scan.container) in _DECORD_REORDER_OK
 
@@ -568,28 +595,50 @@ def _read_seeking(container, scan: _Scan, wanted: set, got: dict, size) -> None:
     """Visit targets in order; seek to a target's GOP only when that skips decoding.
 
     Frames are identified by pts, so a seek that lands early costs time, never correctness.
+    If a seek yields a pts the scan never saw, timestamps after seeks are guesses: drop
+    what that seek produced and leave the rest to the sequential pass.
     """
     stream = container.streams[scan.stream_index]
     stream.thread_type = "AUTO"
-    frames, last = None, -1
+    frames, last, since_seek = None, -1, []
     for t in sorted(wanted):
         if t in got:
             continue
         key = scan.key_before(t)
         if frames is None or t <= last or key > last + 1:
-            frames = _indexed(container, stream, scan, key)
-        last = _decode_until(frames, t, wanted, got, size, scan.info.rotation)
+            frames, since_seek = _indexed(container, stream, scan, key), []
+        try:
+            last = _decode_until(frames, t, wanted, got, size, scan.info.rotation, since_seek)
+        except _UnknownPts:
+            for i in since_seek:
+                got.pop(i, None)
+            return
         if last < t:
             frames = None
 
 
-def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: int) -> int:
-    """Advance `frames` until index `target`, converting wanted frames; return last index."""
+class _UnknownPts(Exception):
+    """A decoded frame's pts is not one the scan saw (seeking is unreliable here)."""
+
+
+def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: int,
+                  collected: list | None = None) -> int:
+    """Advance `frames` until index `target`, converting wanted frames; return last index.
+
+    With `collected` (seeking mode) an unknown pts raises _UnknownPts; otherwise such
+    frames are skipped.
+    """
     last = -1
     for i, frame in frames:
+        if i is None:
+            if collected is not None:
+                raise _UnknownPts
+            continue
         last = i
         if i in wanted and i not in got:
             got[i] = _rgb(frame, size, rotation)
+            if collected is not None:
+                collected.append(i)
         if i >= target:
             break
     return last

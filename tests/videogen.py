@@ -146,3 +146,12 @@ def truncate(src: str | Path, dst: str | Path, fraction: float) -> Path:
     data = Path(src).read_bytes()
     Path(dst).write_bytes(data[: int(len(data) * fraction)])
     return Path(dst)
+
+
+def cut_inside_first_packet(src: str | Path, dst: str | Path) -> Path:
+    """Copy `src` up to the middle of its first video packet: a header with no whole frame."""
+    with av.open(str(src)) as container:
+        pkt = next(p for p in container.demux(video=0) if p.size)
+        end = pkt.pos + pkt.size // 2
+    Path(dst).write_bytes(Path(src).read_bytes()[:end])
+    return Path(dst)
