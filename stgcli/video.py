@@ -234,7 +234,6 @@ class _Packets:
 
     pts: list[int] = field(default_factory=list)
     keys: list[bool] = field(default_factory=list)
-    durations: list[int] = field(default_factory=list)
     demux_error: bool = False
     missing_ts: bool = False
 
@@ -254,7 +253,6 @@ def _demux_packets(container, stream) -> _Packets:
                 continue
             out.pts.append(int(ts))
             out.keys.append(bool(pkt.is_keyframe))
-            out.durations.append(int(pkt.duration or 0))
     except av.FFmpegError:
         out.demux_error = True
     return out
