@@ -56,6 +56,74 @@ def main(argv: list[str] | None = None) -> None:
 
 
 
+def _echo_warnings(warnings) -> None:
+    for w in warnings:
+        click.echo(f"stg: warning: {w}", err=True)
+
+
+def _summary(res) -> str:
+    v = res.video
+    lines = [f"{v.path}: \"{res.query}\""]
+    if res.span is None:
+        lines.append("  not found (no span)")
+    else:
+        s = res.span
+        n_model = sum(1 for t in res.track if t.source == "model")
+        lines.append(f"  span   {s.start_s:.2f}s - {s.end_s:.2f}s  (frames {s.start_frame}-{s.end_frame} of "
+                     f"{v.num_frames})")
+        lines.append(f"  boxes  {len(res.track)} frames ({n_model} from the model, "
+                     f"{len(res.track) - n_model} interpolated)")
+        mid = res.track[len(res.track) // 2]
+        x1, y1, x2, y2 = mid.xyxy
+        lines.append(f"  e.g.   frame {mid.frame}: [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}] score {mid.score:.2f}")
+    t = res.timing_s
+    lines.append(f"  time   decode {t['decode']:.2f}s, model {t['model']:.2f}s, total {t['total']:.2f}s "
+                 f"({res.model.name} on {res.model.device})")
+    return "\n".join(lines)
+
+
+@cli.command()
+@click.argument("video", type=click.Path(path_type=Path))
+@click.argument("query")
+@click.option("--model", "model_name", default=None, metavar="NAME|PATH",
+              help="Registered model name or model directory (default: the built-in spacevllm-tiny-shapes).")
+@click.option("--frames", type=int, default=None, help="Frames to sample (default: the model's).")
+@click.option("--start", "start_s", type=float, default=None, help="Only look from this second on.")
+@click.option("--end", "end_s", type=float, default=None, help="Only look up to this second.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
+              help="Quantize the language model (CUDA only; default: the model's).")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the stg.grounding/v1 JSON here (atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
+def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, as_json) -> None:
+    """Find when and where QUERY is in VIDEO."""
+    from .pipeline import check_query, ground as run
+    from .result import write_json_atomic
+    from .weights import resolve_device
+
+    check_query(query)
+    if frames is not None and frames < 1:
+        raise UserError(f"--frames {frames}: must be at least 1")
+    if not video.exists():
+        raise UserError(f"{video}: no such file")
+    if video.is_dir():
+        raise UserError(f"{video}: is a directory; pass a video file (or use `stg batch` for folders)")
+    if device == "auto" and resolve_device("auto") == "cpu":
+        click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
+    res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
+              quant=quant)
+    _echo_warnings(res.warnings)
+    if out_path is not None:
+        write_json_atomic(out_path, res)
+    if as_json:
+        click.echo(res.to_json(indent=2))
+    else:
+        click.echo(_summary(res))
+        if out_path is not None:
+            click.echo(f"  wrote  {out_path}")
+
+
 @cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training config (TOML); see examples/train-tiny.toml.")

@@ -75,14 +75,7 @@ def new_tiny_model(cfg: TrainConfig, seed: int):
     tok = build_word_tokenizer(VOCABULARY)
     ids = tok.convert_tokens_to_ids
     config = tiny_config(len(tok), ids("<image>"), ids("<video>"), ids("<stq>"), tok.pad_token_id,
-                         tok.eos_token_id, VOCABULARY)
-    for k, v in cfg.model.items():
-        if k in ("vision_config", "text_config"):
-            for kk, vv in v.items():
-                setattr(getattr(config, k), kk, vv)
-        else:
-            setattr(config, k, v)
-    config.num_frames = cfg.num_frames
+                         tok.eos_token_id, VOCABULARY, overrides={**cfg.model, "num_frames": cfg.num_frames})
     torch.manual_seed(seed)
     model = SpaceVLLMForConditionalGeneration(config)
     vc = config.vision_config

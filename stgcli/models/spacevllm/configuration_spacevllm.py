@@ -36,8 +36,11 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,
-                pad_token_id: int, eos_token_id: int, training_vocabulary: list[str]) -> SpaceVLLMConfig:
-    """The built-in model's shapes: a few-layer SigLIP and Qwen2, small enough to train on a CPU."""
+                pad_token_id: int, eos_token_id: int, training_vocabulary: list[str],
+                overrides: dict | None = None) -> SpaceVLLMConfig:
+    """The built-in model's shapes: a few-layer SigLIP and Qwen2, small enough to train on a CPU.
+    `overrides` may replace any field, with `vision_config` / `text_config` dicts merged in."""
+    overrides = dict(overrides or {})
     vision = dict(model_type="siglip_vision_model", hidden_size=128, intermediate_size=384,
                   num_hidden_layers=3, num_attention_heads=4, image_size=128, patch_size=16,
                   vision_use_head=False)
@@ -45,7 +48,9 @@ def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int,
                 num_hidden_layers=4, num_attention_heads=6, num_key_value_heads=2,
                 max_position_embeddings=4096, rope_theta=10000.0, tie_word_embeddings=True,
                 pad_token_id=pad_token_id, eos_token_id=eos_token_id, bos_token_id=None)
-    return SpaceVLLMConfig(
+    vision.update(overrides.pop("vision_config", {}))
+    text.update(overrides.pop("text_config", {}))
+    fields = dict(
         vision_config=vision, text_config=text, image_token_index=image_token_index,
         video_token_index=video_token_index, query_token_index=query_token_index,
         vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=True,
@@ -53,6 +58,8 @@ def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int,
         training_vocabulary=sorted(training_vocabulary), pad_token_id=pad_token_id,
         eos_token_id=eos_token_id,
     )
+    fields.update(overrides)
+    return SpaceVLLMConfig(**fields)
 
 
 def spacevllm_7b_config(vocab_size: int = 152064, image_token_index: int = 151646,

@@ -1,0 +1,94 @@
+"""Quality of a model on held-out shapes-world clips, through the path users take.
+
+Clips are freshly generated (a seed the training never draws), written as H.264 MP4, then read
+back and grounded by `stgcli.ground` exactly as `stg ground` does (decode, resize, model).
+Prints m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5 overall, per query form and with/without a twin,
+and writes benchmarks/results/quality.json plus a section of benchmarks/RESULTS.md.
+
+    python benchmarks/quality.py [--model NAME|DIR] [--n 200] [--seed 777] [--frames N]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from stgcli import load_model, ground  # noqa: E402
+from stgcli.metrics import score_sample, summarize  # noqa: E402
+from stgcli.synth import synth_dataset  # noqa: E402
+
+TARGETS = {"m_tIoU": 0.80, "m_vIoU": 0.60, "vIoU@0.5": 0.60}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--seed", type=int, default=777)
+    ap.add_argument("--frames", type=int, default=None)
+    ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
+    ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md / results/quality.json")
+    args = ap.parse_args()
+
+    import tempfile
+
+    clip_dir = Path(args.clips or tempfile.mkdtemp(prefix="stg-quality-"))
+    manifest = clip_dir / "manifest.jsonl"
+    if not manifest.exists():
+        synth_dataset(clip_dir, args.n, seed=args.seed)
+    rows = [json.loads(line) for line in manifest.read_text().splitlines()][: args.n]
+    model = load_model(args.model, device="cpu")
+    groups: dict[str, list] = {}
+    t0 = time.time()
+    for i, row in enumerate(rows):
+        res = ground(clip_dir / row["video"], row["query"], model=model, frames=args.frames)
+        gt_boxes = {int(k): v for k, v in row["boxes"].items()}
+        s = score_sample(res, tuple(row["span_frames"]), gt_boxes)
+        for g in ("all", f"form={row['form']}", "twin" if row["has_twin"] else "no twin"):
+            groups.setdefault(g, []).append(s)
+        if (i + 1) % 50 == 0:
+            print(f"  {i + 1}/{len(rows)} clips, {time.time() - t0:.0f}s", file=sys.stderr)
+    elapsed = time.time() - t0
+    order = ["all", "form=plain", "form=moving", "form=still", "no twin", "twin"]
+    table = {g: summarize(groups[g]) for g in order if g in groups}
+    header = f"| group | n | m_tIoU | m_vIoU | vIoU@0.3 | vIoU@0.5 |\n|---|---|---|---|---|---|"
+    lines = [header] + [f"| {g} | {m['n']} | {m['m_tIoU']:.3f} | {m['m_vIoU']:.3f} | {m['vIoU@0.3']:.3f} | "
+                        f"{m['vIoU@0.5']:.3f} |" for g, m in table.items()]
+    verdict = ", ".join(f"{k} {table['all'][k]:.3f} {'>=' if table['all'][k] >= v else '<'} {v}"
+                        for k, v in TARGETS.items())
+    print("\n".join(lines))
+    print(f"targets: {verdict}")
+    print(f"{len(rows)} clips grounded in {elapsed:.0f}s ({elapsed / len(rows):.2f}s per clip)")
+    if args.no_write:
+        return
+    when = datetime.date.today().isoformat()
+    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, {platform.system()}"
+    out = {"date": when, "machine": machine, "model": model.name, "sha256": model.sha256, "n": len(rows),
+           "seed": args.seed, "frames": args.frames or model.default_frames, "groups": table,
+           "seconds_per_clip": round(elapsed / len(rows), 3)}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    section = (f"## Quality (benchmarks/quality.py)\n\n{when}, {machine}. Model `{model.name}`, "
+               f"{len(rows)} held-out shapes-world clips (seed {args.seed}), H.264 round trip, "
+               f"{out['frames']} frames per clip.\n\n" + "\n".join(lines) + f"\n\nTargets: {verdict}.\n")
+    _write_section(HERE / "RESULTS.md", "## Quality", section)
+
+
+def _write_section(path: Path, heading: str, section: str) -> None:
+    """Replace one `## ` section of RESULTS.md, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    parts = text.split("\n## ")
+    head, rest = parts[0], ["## " + p for p in parts[1:]]
+    rest = [p for p in rest if not p.startswith(heading)] + [section]
+    path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,153 @@
+"""The grounding pipeline: video -> frames -> model inputs -> model -> span + boxes -> track.
+
+`ground()` is the library call behind `stg ground` (and, clip by clip, `stg batch`).
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import UserError
+from .result import GroundingResult, ModelMeta, Sampling, Span, VideoMeta, build_track
+
+_WORD = re.compile(r"[a-z0-9']+")
+
+
+def check_query(query: str) -> str:
+    q = " ".join(str(query).split())
+    if not q:
+        raise UserError("empty query: describe the object to find, e.g. \"the red circle moving left\"")
+    return q
+
+
+def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
+    """Words of the query the model never saw in training (empty for open-vocabulary models)."""
+    if not vocabulary:
+        return []
+    seen, out = set(), []
+    for w in _WORD.findall(query.lower()):
+        if w not in vocabulary and w not in seen:
+            seen.add(w)
+            out.append(w)
+    return out
+
+
+def vocabulary_warning(model_name: str, words: list[str]) -> str:
+    return (f"model '{model_name}' knows only its training world (coloured shapes); "
+            f"it never saw: {', '.join(words)}. The answer below is a guess.")
+
+
+def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = None,
+            start_s: float | None = None, end_s: float | None = None):
+    """Decode and tokenise one clip (the CPU-side half of grounding; batch runs it in workers)."""
+    from .video import sample_frames
+
+    query = check_query(query)
+    n = frames if frames is not None else loaded.default_frames
+    if n < 1:
+        raise UserError(f"--frames {n}: must be at least 1")
+    s = loaded.processor.settings.image_size
+    t0 = time.perf_counter()
+    sampled = sample_frames(video, n, start_s=start_s, end_s=end_s, size=(s, s))
+    pixels = loaded.processor.preprocess_frames(sampled.frames)
+    ids, text_mask = loaded.processor.encode_prompt(query, sampled.times_s)
+    return {"query": query, "sampled": sampled, "pixels": pixels, "ids": ids, "text_mask": text_mask,
+            "decode_s": time.perf_counter() - t0}
+
+
+def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:
+    """Video frames whose timestamp lies in [lo, hi], kept inside the sampled window."""
+    info = sampled.info
+    first, last = int(sampled.indices[0]), int(sampled.indices[-1])
+    # The window the user asked for bounds the span; frames past the sampled ends stay reachable
+    # only up to the window edges (the whole clip by default).
+    w_lo = 0 if first == 0 else first
+    w_hi = info.num_frames - 1 if last >= info.num_frames - 1 else last
+    eps = 1e-6
+    a = max(w_lo, math.ceil(lo * info.fps - eps))
+    b = min(w_hi, math.floor(hi * info.fps + eps))
+    if a > b:  # a span narrower than one frame: take the nearest frame
+        a = b = int(np.clip(round((lo + hi) / 2 * info.fps), w_lo, w_hi))
+    return a, b
+
+
+def run_model(loaded, prep: dict):
+    """Model half: one forward + a short greedy answer. Returns answer text, boxes, scores, seconds."""
+    import torch
+
+    dev = loaded.device
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ids = torch.tensor([prep["ids"]], device=dev)
+        pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
+        tmask = torch.tensor([prep["text_mask"]], device=dev)
+        tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24)
+    text = loaded.processor.decode(tokens)
+    return text, boxes.float().cpu().numpy(), presence.float().cpu().numpy(), time.perf_counter() - t0
+
+
+def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.ndarray, scores: np.ndarray,
+           timing: dict, warnings: list[str]) -> GroundingResult:
+    """Answer text + per-frame boxes -> the stg.grounding/v1 result."""
+    sampled = prep["sampled"]
+    info = sampled.info
+    times = sampled.times_s
+    duration = info.duration_s
+    span = track = None
+    parsed = loaded.processor.parse_answer(text, duration)
+    if parsed is not None:
+        lo, hi = loaded.processor.snap_span(parsed[0], parsed[1], times, duration)
+        a, b = _span_frames(lo, hi, sampled)
+        px = loaded.processor.boxes_to_pixels(boxes, info.width, info.height)
+        inside = [(int(f), float(t), px[i].tolist(), float(scores[i]))
+                  for i, (f, t) in enumerate(zip(sampled.indices, times)) if a <= f <= b]
+        track = build_track((a, b), inside, info.fps, info.width, info.height)
+        if track:
+            span = Span.from_frames(a, b, info.fps)
+    if span is None:
+        track = []
+        warnings.append(f"no span: the model's answer {text!r} is not a valid span for this clip")
+    t = {"decode": round(timing.get("decode", 0.0), 4), "model": round(timing.get("model", 0.0), 4)}
+    t["total"] = round(timing.get("total", t["decode"] + t["model"]), 4)
+    video_meta = VideoMeta(path=str(video), fps=info.fps, width=info.width, height=info.height,
+                           num_frames=info.num_frames, duration_s=info.duration_s, rotation=info.rotation,
+                           time_source=sampled.time_source)
+    model_meta = ModelMeta(name=loaded.name, sha256=loaded.sha256, quantization=loaded.quantization,
+                           device=loaded.device, dtype=loaded.dtype)
+    sampling = Sampling(num_frames=len(sampled.indices), frame_indices=[int(i) for i in sampled.indices],
+                        times_s=[float(x) for x in times])
+    res = GroundingResult(video=video_meta, query=prep["query"], model=model_meta, sampling=sampling,
+                          span=span, track=track, timing_s=t, warnings=warnings)
+    res.extra["answer"] = text
+    return res
+
+
+def ground(video: str | os.PathLike, query: str, model=None, frames: int | None = None,
+           start_s: float | None = None, end_s: float | None = None, device: str = "auto",
+           quant: str | None = None) -> GroundingResult:
+    """Ground `query` in `video`: when the described object is visible and its box on every frame.
+
+    `model` is a `load_model()` result, a registry name or a model directory (default: the
+    built-in model). Warnings (unknown words, truncated file) are in `result.warnings`.
+    """
+    from .weights import LoadedModel, load_model
+
+    t0 = time.perf_counter()
+    query = check_query(query)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    warnings: list[str] = []
+    unknown = unknown_words(query, loaded.training_vocabulary)
+    if unknown:
+        warnings.append(vocabulary_warning(loaded.name, unknown))
+    if not Path(video).exists():
+        raise UserError(f"{video}: no such file")
+    prep = prepare(loaded, video, query, frames, start_s, end_s)
+    warnings.extend(prep["sampled"].warnings)
+    text, boxes, scores, model_s = run_model(loaded, prep)
+    timing = {"decode": prep["decode_s"], "model": model_s, "total": time.perf_counter() - t0}
+    return finish(loaded, prep, video, text, boxes, scores, timing, warnings)

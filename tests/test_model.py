@@ -1,0 +1,133 @@
+"""SpaceVLLM model code: layout of inputs, forward/backward, inference, save/load, full-size shapes."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from stgcli.models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
+from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
+from stgcli.models.spacevllm.processing_spacevllm import ProcessorSettings
+from stgcli.train import TrainConfig, make_batch, new_tiny_model
+
+SMALL = {"vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                           "num_attention_heads": 2, "image_size": 64, "patch_size": 16},
+         "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "num_key_value_heads": 1},
+         "decoder_hidden_size": 32, "decoder_heads": 2, "decoder_layers": 1}
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(batch_size=2, num_frames=6, min_frames=4, max_frames=6, steps=4, data_workers=0,
+                native_fraction=0.5, model=SMALL, checkpoint_every=2, log_every=1, warmup_steps=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    return new_tiny_model(small_cfg(), seed=0)
+
+
+def test_prompt_interleaves_frames_and_queries(small):
+    _, proc = small
+    times = [0.0, 0.5, 1.0]
+    ids, text_mask = proc.encode_prompt("the red circle", times)
+    t = proc.settings.tokens_per_frame
+    assert t == 4  # 64 px / 16 = 4x4 patches, pooled 2x2 -> 2x2
+    q_pos = [i for i, x in enumerate(ids) if x == proc.query_token_id]
+    assert len(q_pos) == len(times)
+    for p in q_pos:  # each query follows exactly T visual placeholders
+        assert ids[p - t:p] == [proc.video_token_id] * t
+    # one extra placeholder for LlavaOnevision's image_newline, after the last frame
+    assert ids.count(proc.video_token_id) == len(times) * t + 1
+    sentence = [tok for tok, m in zip(ids, text_mask) if m]
+    assert proc.tokenizer.decode(sentence) == "the red circle"
+
+
+def test_forward_backward_and_losses(small):
+    model, proc = small
+    batch = make_batch(small_cfg(), proc, step=0)
+    model.train()
+    out, _, _ = model.ground_forward(**batch)
+    for name in ("loss", "lm_loss", "box_loss", "presence_loss"):
+        assert torch.isfinite(getattr(out, name)), name
+    out.loss.backward()
+    assert model.space_decoder.box_head[0].weight.grad is not None
+    patch = next(p for n, p in model.named_parameters() if n.endswith("patch_embedding.weight"))
+    assert patch.grad is not None and bool(patch.grad.abs().sum() > 0)
+    b, f = batch["gt_in_span"].shape
+    assert out.boxes.shape == (b, f, 4) and out.presence_logits.shape == (b, f)
+    model.zero_grad()
+
+
+def test_ground_inference_and_roundtrip(small, tmp_path):
+    model, proc = small
+    model.eval()
+    batch = make_batch(small_cfg(), proc, step=1)
+    n_prompt = int((batch["labels"][0] == -100).sum())  # prompt tokens lead, answer follows
+    ids = batch["input_ids"][:1, :n_prompt]
+    args = (ids, torch.ones_like(ids), batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt])
+    tokens, boxes, presence = model.ground(*args, max_new_tokens=5)
+    assert 1 <= len(tokens) <= 5
+    assert boxes.shape == (batch["gt_in_span"].shape[1], 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
+    assert bool(((presence >= 0) & (presence <= 1)).all())
+
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    proc.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    assert not list(tmp_path.glob("*.bin"))
+    model2 = SpaceVLLMForConditionalGeneration.from_pretrained(tmp_path, use_safetensors=True).eval()
+    proc2 = SpaceVLLMProcessor.from_pretrained(tmp_path)
+    assert proc2.encode_prompt("the red circle", [0.0, 1.0]) == proc.encode_prompt("the red circle", [0.0, 1.0])
+    tokens2, boxes2, presence2 = model2.ground(*args, max_new_tokens=5)
+    assert tokens2 == tokens
+    torch.testing.assert_close(boxes2, boxes)
+    torch.testing.assert_close(presence2, presence)
+    assert isinstance(model2.config, SpaceVLLMConfig) and model2.config.training_vocabulary
+
+
+def test_full_size_config_has_llava_video_7b_shapes():
+    cfg = spacevllm_7b_config()
+    with torch.device("meta"):
+        model = SpaceVLLMForConditionalGeneration(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    assert 7.5e9 < n < 8.5e9  # Qwen2-7B (7.6B) + SigLIP so400m (0.4B) + projector + decoder
+    vc = cfg.vision_config
+    assert (vc.image_size, vc.patch_size, vc.hidden_size, vc.num_hidden_layers) == (384, 14, 1152, 26)
+    assert cfg.text_config.hidden_size == 3584 and cfg.text_config.num_hidden_layers == 28
+    # 27x27 patches pooled 2x2 (ceil) -> 14x14 tokens per frame reach the LLM
+    pooled = model.model.apply_pooling(torch.zeros(1, 27 * 27, 4))
+    assert pooled.shape[1] == 14 * 14 == ProcessorSettings(image_size=384, patch_size=14).tokens_per_frame
+    assert model.space_decoder.visual_proj.in_features == 3584
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("from 2 . 3 to 6 . 4 seconds", (2.3, 6.4)),
+    ("from 2.3 to 6.4 seconds", (2.3, 6.4)),
+    ("from 0 . 0 to 1 0 . 0 seconds", (0.0, 10.0)),
+    ("from 6.4 to 2.3 seconds", None),          # reversed
+    ("from 2.3 to 99.0 seconds", None),         # past the end of the clip
+    ("from 2.3 to seconds", None),              # truncated
+    ("from 2 . 3 to 6 . 4 seconds extra", None),
+    ("", None),
+    ("<unk> <unk>", None),
+])
+def test_parse_answer_is_strict(small, text, expected):
+    _, proc = small
+    assert proc.parse_answer(text, duration_s=10.0) == (pytest.approx(expected) if expected else None)
+
+
+def test_snap_span_extends_halfway_to_outside_neighbours():
+    times = [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert SpaceVLLMProcessor.snap_span(1.0, 3.0, times, 4.5) == (0.5, 3.5)
+    assert SpaceVLLMProcessor.snap_span(0.0, 4.0, times, 4.5) == (0.0, 4.5)   # clip ends stay ends
+    assert SpaceVLLMProcessor.snap_span(1.1, 2.9, times, 4.5) == (0.5, 3.5)   # snapped to sampled frames
+
+
+def test_boxes_map_back_through_the_resize():
+    # a box at pixels (64, 36)-(128, 108) in a 640x360 frame, seen in the square model input
+    w, h = 640, 360
+    cxcywh = np.array([[96 / w, 72 / h, 64 / w, 72 / h]])
+    np.testing.assert_allclose(SpaceVLLMProcessor.boxes_to_pixels(cxcywh, w, h), [[64, 36, 128, 108]])
