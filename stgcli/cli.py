@@ -125,6 +125,55 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 
 
 @cli.command()
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="JSONL output; one stg.grounding/v1 line per (video, query). Appended to, never rewritten.")
+@click.option("--query", default=None, help="One query for every video of a folder.")
+@click.option("--model", "model_name", default=None, metavar="NAME|PATH", help="Model name or directory.")
+@click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
+@click.option("--resume/--no-resume", default=True, show_default=True,
+              help="Skip (video, query) pairs already in --out.")
+def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, resume) -> None:
+    """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
+    from .batch import run_batch
+
+    n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
+                                          device=device, quant=quant, resume=resume)
+    click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
+    if n_failed:
+        sys.exit(1)
+
+
+@cli.command()
+@click.argument("video", type=click.Path(path_type=Path))
+@click.argument("result", type=click.Path(path_type=Path))
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--overlay", default="box,label,trace,timeline", show_default=True)
+def render(video: Path, result: Path, out_path, overlay) -> None:
+    """Draw a grounding result onto its video (H.264 MP4). Not implemented yet: see README status."""
+    raise UserError("`stg render` is not implemented in this release yet (tracked in the CLI issue); "
+                    "the JSON from `stg ground --out` holds every box")
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--n", type=int, default=100, show_default=True, help="Number of clips.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(out_dir: Path, n: int, seed: int) -> None:
+    """Write shapes-world clips (H.264 MP4), their ground truth and manifest.jsonl to OUT_DIR."""
+    from .synth import synth_dataset
+
+    if n < 1:
+        raise UserError(f"--n {n}: must be at least 1")
+    if out_dir.exists() and (out_dir / "manifest.jsonl").exists():
+        raise UserError(f"{out_dir}: already holds a manifest.jsonl; choose an empty folder")
+    manifest = synth_dataset(out_dir, n, seed=seed)
+    click.echo(f"wrote {n} clips and {manifest}")
+
+
+@cli.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training config (TOML); see examples/train-tiny.toml.")
 @click.option("--resume", is_flag=True, help="Continue from OUT_DIR/checkpoint.")

@@ -34,7 +34,7 @@ class TrainConfig:
     num_frames: int = 16
     min_frames: int = 10            # frame count varies per batch between these for robustness
     max_frames: int = 24
-    decode_frames: int = 6          # in-span frames per clip that get a box loss each step
+    decode_frames: int = 0          # in-span frames per clip with a box loss each step; 0: all
     vary_frames_prob: float = 0.3
     native_fraction: float = 0.3    # clips drawn at their own size then resized like the processor
     jpeg_prob: float = 0.5          # compression artefacts, standing in for H.264
@@ -167,7 +167,7 @@ def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
     # Box loss on a few in-span frames per clip: the decoder is the costly part of a step, and
     # neighbouring frames teach it nearly the same thing.
     scores = torch.from_numpy(rng.random(batch["gt_in_span"].shape)) * batch["gt_in_span"]
-    k = min(cfg.decode_frames, scores.shape[1])
+    k = min(cfg.decode_frames or scores.shape[1], scores.shape[1])
     top = scores.topk(k, dim=1).indices
     batch["decode_mask"] = torch.zeros_like(batch["gt_in_span"]).scatter_(1, top, True) & batch["gt_in_span"]
     return batch
@@ -288,3 +288,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     processor.save_pretrained(final)
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return final
+
+
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",
+               "tokenizer.json", "tokenizer_config.json")
+
+
+def export_model(src: str | Path, dst: str | Path) -> dict[str, str]:
+    """Copy a trained model's files (no optimizer state) into `dst`; return {file: sha256} for
+    the registry entry in weights.toml."""
+    import shutil
+
+    from .weights import sha256_file
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name in MODEL_FILES:
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+            out[name] = sha256_file(dst / name)
+    return out

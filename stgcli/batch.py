@@ -1,0 +1,127 @@
+"""`stg batch`: many (video, query) pairs, one model load, append-only resumable JSONL.
+
+Decoding runs ahead in a background thread through a bounded window of futures, so the model
+rarely waits and memory stays flat however many videos there are. Each result line is written
+whole, flushed and fsynced before the next starts; a rerun skips pairs already in the output.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from .errors import UserError
+
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg"}
+
+
+def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    if path.suffix.lower() == ".csv":
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"video", "query"} - set(reader.fieldnames or [])
+            if missing:
+                raise UserError(f"{path}: line 1: missing column(s) {', '.join(sorted(missing))}; "
+                                "the header must name video,query")
+            return [(i + 2, row) for i, row in enumerate(reader)]
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: line {i}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {i}: expected an object with \"video\" and \"query\"")
+        rows.append((i, row))
+    return rows
+
+
+def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
+    """(video path, query) pairs from a folder + --query, or from a JSONL/CSV manifest."""
+    if not source.exists():
+        raise UserError(f"{source}: no such file or folder")
+    if source.is_dir():
+        if not query or not query.strip():
+            raise UserError(f"{source}: a folder needs --query \"...\" (or pass a manifest with a query per video)")
+        videos = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+        if not videos:
+            raise UserError(f"{source}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
+        return [(str(p), " ".join(query.split())) for p in videos]
+    items = []
+    for line_no, row in _manifest_rows(source):
+        for col in ("video", "query"):
+            if not str(row.get(col) or "").strip():
+                raise UserError(f"{source}: line {line_no}: missing or empty \"{col}\"")
+        video = Path(str(row["video"]))
+        if not video.is_absolute():
+            video = source.parent / video
+        items.append((str(video), " ".join(str(row["query"]).split())))
+    if not items:
+        raise UserError(f"{source}: manifest has no entries")
+    return items
+
+
+def run_batch(source: Path, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
+              device: str = "auto", quant: str | None = None, resume: bool = True,
+              progress: bool = True) -> tuple[int, int, int]:
+    """Ground every pair; returns (succeeded, failed, skipped as already done)."""
+    from tqdm import tqdm
+
+    from .pipeline import finish, prepare, run_model, unknown_words, vocabulary_warning
+    from .result import JsonlWriter, error_result
+    from .weights import LoadedModel, load_model
+
+    items = collect_items(Path(source), query)
+    if out_path.exists() and not resume:
+        raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
+    writer = JsonlWriter(out_path)
+    done = writer.keys()
+    todo = [it for it in dict.fromkeys(items) if it not in done]
+    skipped = len(items) - len(todo)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    n_ok = n_failed = 0
+
+    def prep(item):
+        t0 = time.perf_counter()
+        try:
+            return prepare(loaded, item[0], item[1], frames), None, t0
+        except Exception as e:  # one bad file must not stop ten thousand others
+            return None, e, t0
+
+    bar = tqdm(total=len(todo), desc="batch", unit="clip", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    with writer, ThreadPoolExecutor(max_workers=1) as pool:
+        window: deque = deque()
+        it = iter(todo)
+        for item in it:  # keep a few clips decoded ahead, never more
+            window.append((item, pool.submit(prep, item)))
+            if len(window) >= 3:
+                break
+        while window:
+            item, fut = window.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                window.append((nxt, pool.submit(prep, nxt)))
+            data, err, t0 = fut.result()
+            if err is not None:
+                res = error_result(item[0], item[1], err, str(err))
+                n_failed += 1
+            else:
+                warnings = list(data["sampled"].warnings)
+                unknown = unknown_words(item[1], loaded.training_vocabulary)
+                if unknown:
+                    warnings.insert(0, vocabulary_warning(loaded.name, unknown))
+                text, boxes, scores, model_s = run_model(loaded, data)
+                res = finish(loaded, data, item[0], text, boxes, scores,
+                             {"decode": data["decode_s"], "model": model_s}, warnings)
+                n_ok += 1
+            writer.append(res)
+            bar.update(1)
+    bar.close()
+    return n_ok, n_failed, skipped

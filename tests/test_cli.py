@@ -1,0 +1,118 @@
+"""The `stg` command line: exit codes, one-line errors, JSON on stdout, the built-in model end to end."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stgcli.cli import main
+from stgcli.result import validate
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "examples" / "shapes.mp4"
+TRUTH = json.loads((ROOT / "examples" / "shapes.truth.json").read_text())
+
+
+def run(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the console entry point in-process; return (exit code, stdout, stderr)."""
+    code = 0
+    try:
+        main(list(args))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> None:
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert 1 <= len(lines) <= 3, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in err, (n, err)
+
+
+def test_help_and_version(capsys):
+    code, out, _ = run(capsys, "--help")
+    assert code == 0
+    for cmd in ("ground", "batch", "render", "synth", "train"):
+        assert cmd in out
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and "stg" in out
+
+
+@pytest.mark.parametrize("name,needle", [
+    ("missing.mp4", "no such file"),
+    ("text.mp4", "text.mp4"),
+    ("empty.mp4", "empty.mp4"),
+    ("audio_only.mp4", "audio_only.mp4"),
+    ("no_frames.mkv", "no_frames.mkv"),
+    ("truncated.mp4", "truncated.mp4"),
+])
+def test_bad_videos_exit_2_with_one_line(capsys, clip, tmp_path, name, needle):
+    path = tmp_path / name if name == "missing.mp4" else clip(name)
+    code, out, err = run(capsys, "ground", str(path), "the red circle")
+    assert_user_error(code, err, needle)
+    assert out == ""
+
+
+def test_directory_empty_query_and_frames(capsys, tmp_path):
+    code, _, err = run(capsys, "ground", str(tmp_path), "the red circle")
+    assert_user_error(code, err, "is a directory")
+    code, _, err = run(capsys, "ground", str(EXAMPLE), "   ")
+    assert_user_error(code, err, "empty query")
+    code, _, err = run(capsys, "ground", str(EXAMPLE), "the red circle", "--frames", "0")
+    assert_user_error(code, err, "--frames")
+
+
+def test_debug_shows_traceback(capsys, tmp_path):
+    code, _, err = run(capsys, "--debug", "ground", str(tmp_path / "nope.mp4"), "the red circle")
+    assert code == 2 and "Traceback" in err
+
+
+def test_ground_json_on_builtin_model(capsys, tmp_path):
+    out_file = tmp_path / "sub" / "r.json"
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the red circle moving left", "--json",
+                         "--out", str(out_file), "--device", "cpu")
+    assert code == 0, err
+    doc = json.loads(out)  # stdout is the document and nothing else
+    validate(doc)
+    assert json.loads(out_file.read_text()) == doc
+    assert doc["schema"] == "stg.grounding/v1"
+    assert doc["model"]["name"] == "spacevllm-tiny-shapes" and len(doc["model"]["sha256"]) == 64
+    assert doc["video"]["num_frames"] == 150 and doc["video"]["width"] == 480
+    assert doc["sampling"]["num_frames"] == 16
+    if doc["span"] is not None:
+        s = doc["span"]
+        assert [t["frame"] for t in doc["track"]] == list(range(s["start_frame"], s["end_frame"] + 1))
+        assert {t["source"] for t in doc["track"]} <= {"model", "interpolated"}
+
+
+def test_unknown_words_warn_on_stderr(capsys):
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the man in red who picks up the cup", "--json",
+                         "--device", "cpu")
+    assert code == 0
+    json.loads(out)
+    warn = [line for line in err.splitlines() if "warning" in line]
+    assert warn and "knows only its training world" in warn[0]
+    for w in ("man", "who", "picks", "cup"):
+        assert w in warn[0]
+    assert "red" not in warn[0].split("never saw:")[1]
+
+
+def test_human_summary(capsys):
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the blue square that stays still", "--device", "cpu")
+    assert code == 0, err
+    assert "shapes.mp4" in out and "time" in out
+
+
+def test_real_subprocess_exit_codes(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "stgcli", "--version"], capture_output=True, text=True)
+    assert ok.returncode == 0
+    bad = subprocess.run([sys.executable, "-m", "stgcli", "ground", str(tmp_path / "x.mp4"), "q"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr and "x.mp4" in bad.stderr
