@@ -135,9 +135,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
                registry_file: str | os.PathLike | None = None, allow_pickle: bool = False) -> LoadedModel:
     """Load a registered model by name, or a model directory by path. Default: the built-in model."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
 
+    hf_logging.disable_progress_bar()  # stg's own bars and stderr lines only
+    hf_logging.set_verbosity_error()
     name = str(name_or_path or DEFAULT_MODEL)
     entries = registry(registry_file)
     entry = entries.get(name)
