@@ -69,6 +69,13 @@ def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:
     w_lo = 0 if first == 0 else first
     w_hi = info.num_frames - 1 if last >= info.num_frames - 1 else last
     eps = 1e-6
+    if sampled.frame_times is not None:  # VFR: the stream's own clock
+        t = sampled.frame_times
+        a = max(w_lo, int(np.searchsorted(t, lo - eps, side="left")))
+        b = min(w_hi, int(np.searchsorted(t, hi + eps, side="right")) - 1)
+        if a > b:
+            a = b = int(np.clip(np.abs(t - (lo + hi) / 2).argmin(), w_lo, w_hi))
+        return a, b
     a = max(w_lo, math.ceil(lo * info.fps - eps))
     b = min(w_hi, math.floor(hi * info.fps + eps))
     if a > b:  # a span narrower than one frame: take the nearest frame
@@ -106,9 +113,9 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
         px = loaded.processor.boxes_to_pixels(boxes, info.width, info.height)
         inside = [(int(f), float(t), px[i].tolist(), float(scores[i]))
                   for i, (f, t) in enumerate(zip(sampled.indices, times)) if a <= f <= b]
-        track = build_track((a, b), inside, info.fps, info.width, info.height)
+        track = build_track((a, b), inside, info.fps, info.width, info.height, frame_times=sampled.frame_times)
         if track:
-            span = Span.from_frames(a, b, info.fps)
+            span = Span.from_frames(a, b, info.fps, frame_times=sampled.frame_times)
     if span is None:
         track = []
         warnings.append(f"no span: the model's answer {text!r} is not a valid span for this clip")

@@ -1,0 +1,87 @@
+"""The grounding pipeline's own arithmetic: answer -> span -> frames -> track, on real files."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stgcli.pipeline import finish, prepare, unknown_words
+from stgcli.result import validate
+from stgcli.weights import load_model
+from tests.conftest import VFR_PTS
+from tests.test_cli import EXAMPLE
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(device="cpu")
+
+
+def _finish(model, prep, path, text, box=(0.5, 0.5, 0.2, 0.3)):
+    n = len(prep["sampled"].indices)
+    boxes = np.tile(np.asarray(box, np.float32), (n, 1))
+    return finish(model, prep, path, text, boxes, np.full(n, 0.9, np.float32), {"decode": 0.0, "model": 0.0}, [])
+
+
+def test_answer_to_span_and_track_cfr(model):
+    prep = prepare(model, EXAMPLE, "the red circle", frames=16)
+    times = prep["sampled"].times_s  # 150 frames at 25 fps: indices 0, 10, 20, ... 149
+    i, j = 3, 10
+    text = f"from {times[i]:.1f} to {times[j]:.1f} seconds"
+    res = _finish(model, prep, EXAMPLE, text)
+    validate(res.to_dict())
+    idx = prep["sampled"].indices
+    # edges halfway to the neighbouring sampled frames outside the span
+    lo, hi = (times[i - 1] + times[i]) / 2, (times[j] + times[j + 1]) / 2
+    assert res.span.start_frame == int(np.ceil(lo * 25 - 1e-6))
+    assert res.span.end_frame == int(np.floor(hi * 25 + 1e-6))
+    assert idx[i - 1] < res.span.start_frame <= idx[i] and idx[j] <= res.span.end_frame < idx[j + 1]
+    model_frames = [t.frame for t in res.track if t.source == "model"]
+    assert model_frames == [int(f) for f in idx if res.span.start_frame <= f <= res.span.end_frame]
+    # (0.5, 0.5, 0.2, 0.3) normalised on a 480x270 frame
+    np.testing.assert_allclose(res.track[0].xyxy, [192, 94.5, 288, 175.5], atol=0.01)
+
+
+def test_span_reaching_the_clip_ends(model):
+    prep = prepare(model, EXAMPLE, "the red circle", frames=16)
+    times = prep["sampled"].times_s
+    res = _finish(model, prep, EXAMPLE, f"from 0.0 to {times[-1]:.1f} seconds")
+    assert (res.span.start_frame, res.span.end_frame) == (0, 149)
+    assert len(res.track) == 150
+
+
+@pytest.mark.parametrize("text", ["from 5.0 to 1.0 seconds", "from 1.0 to 60.0 seconds", "somewhere", ""])
+def test_malformed_answers_give_null_span(model, text):
+    prep = prepare(model, EXAMPLE, "the red circle", frames=8)
+    res = _finish(model, prep, EXAMPLE, text)
+    assert res.span is None and res.track == []
+    assert any("no span" in w for w in res.warnings)
+    validate(res.to_dict())
+
+
+def test_vfr_times_come_from_pts(model, clip):
+    path = clip("vfr.mp4")
+    prep = prepare(model, path, "the red circle", frames=6)
+    s = prep["sampled"]
+    assert s.time_source == "pts"
+    pts_s = np.asarray(VFR_PTS) / 10000
+    np.testing.assert_allclose(s.times_s, pts_s[s.indices], atol=1e-6)
+    res = _finish(model, prep, path, f"from {s.times_s[1]:.1f} to {s.times_s[3]:.1f} seconds")
+    assert res.video.time_source == "pts"
+    for t in res.track:
+        assert t.time_s == pytest.approx(pts_s[t.frame], abs=1e-4)
+    assert res.span.start_s == pytest.approx(pts_s[res.span.start_frame], abs=1e-4)
+
+
+def test_window_bounds_sampling_and_span(model):
+    prep = prepare(model, EXAMPLE, "the red circle", frames=8, start_s=2.0, end_s=4.0)
+    idx = prep["sampled"].indices
+    assert idx[0] == 50 and idx[-1] == 100
+    times = prep["sampled"].times_s
+    res = _finish(model, prep, EXAMPLE, f"from {times[0]:.1f} to {times[-1]:.1f} seconds")
+    assert 50 <= res.span.start_frame and res.span.end_frame <= 100
+
+
+def test_unknown_words():
+    vocab = {"the", "red", "circle", "up"}
+    assert unknown_words("The man in RED who picks up the cup!", vocab) == ["man", "in", "who", "picks", "cup"]
+    assert unknown_words("anything at all", None) == []
