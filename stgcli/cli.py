@@ -95,8 +95,11 @@ def _summary(res) -> str:
               help="Quantize the language model (CUDA only; default: the model's).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the stg.grounding/v1 JSON here (atomically).")
+@click.option("--render", "render_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write an annotated H.264 MP4 (all overlays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
-def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, as_json) -> None:
+def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, render_path,
+           as_json) -> None:
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_query, ground as run
     from .result import write_json_atomic
@@ -116,12 +119,17 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
     _echo_warnings(res.warnings)
     if out_path is not None:
         write_json_atomic(out_path, res)
+    if render_path is not None:
+        from .render import render as draw
+
+        draw(video, res, render_path)
     if as_json:
         click.echo(res.to_json(indent=2))
     else:
         click.echo(_summary(res))
-        if out_path is not None:
-            click.echo(f"  wrote  {out_path}")
+        for p in (out_path, render_path):
+            if p is not None:
+                click.echo(f"  wrote  {p}")
 
 
 @cli.command()
@@ -149,12 +157,30 @@ def batch(source: Path, out_path: Path, query, model_name, frames, device, quant
 @cli.command()
 @click.argument("video", type=click.Path(path_type=Path))
 @click.argument("result", type=click.Path(path_type=Path))
-@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--overlay", default="box,label,trace,timeline", show_default=True)
-def render(video: Path, result: Path, out_path, overlay) -> None:
-    """Draw a grounding result onto its video (H.264 MP4). Not implemented yet: see README status."""
-    raise UserError("`stg render` is not implemented in this release yet (tracked in the CLI issue); "
-                    "the JSON from `stg ground --out` holds every box")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output MP4 (default: VIDEO's name + .annotated.mp4 beside RESULT).")
+@click.option("--overlay", default="box,label,trace,timeline", show_default=True,
+              help="Comma-separated overlays: box, label, trace, timeline.")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+def render(video: Path, result: Path, out_path, overlay, force) -> None:
+    """Draw RESULT (stg.grounding/v1 JSON) onto VIDEO as an H.264 MP4."""
+    import json
+
+    from .render import parse_overlays, render as run
+    from .result import GroundingResult
+
+    overlays = parse_overlays(overlay)
+    if not result.is_file():
+        raise UserError(f"{result}: no such result file; write one with `stg ground VIDEO QUERY --out {result}`")
+    try:
+        res = GroundingResult.from_dict(json.loads(result.read_text()))
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{result}: not a stg.grounding/v1 document ({e})") from None
+    out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
+    if out_path.exists() and not force:
+        raise UserError(f"{out_path}: exists; pass --force to overwrite or choose another --out")
+    run(video, res, out_path, overlays)
+    click.echo(f"wrote {out_path}")
 
 
 @cli.command()

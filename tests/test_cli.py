@@ -104,10 +104,17 @@ def test_unknown_words_warn_on_stderr(capsys):
     assert "red" not in warn[0].split("never saw:")[1]
 
 
-def test_human_summary(capsys):
-    code, out, err = run(capsys, "ground", str(EXAMPLE), "the blue square that stays still", "--device", "cpu")
+def test_human_summary_and_render(capsys, tmp_path):
+    mp4 = tmp_path / "a.mp4"
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the blue square that stays still", "--device", "cpu",
+                         "--render", str(mp4))
     assert code == 0, err
-    assert "shapes.mp4" in out and "time" in out
+    assert "shapes.mp4" in out and "time" in out and str(mp4) in out
+    import av
+
+    with av.open(str(mp4)) as c:
+        assert c.streams.video[0].codec_context.name == "h264"
+        assert sum(1 for _ in c.decode(video=0)) == 150
 
 
 def test_real_subprocess_exit_codes(tmp_path):
