@@ -146,13 +146,13 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
 
     t0 = time.perf_counter()
     query = check_query(query)
+    if not Path(video).exists():  # cheap mistakes first, before a model load
+        raise UserError(f"{video}: no such file")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
     warnings: list[str] = []
     unknown = unknown_words(query, loaded.training_vocabulary)
     if unknown:
         warnings.append(vocabulary_warning(loaded.name, unknown))
-    if not Path(video).exists():
-        raise UserError(f"{video}: no such file")
     prep = prepare(loaded, video, query, frames, start_s, end_s)
     warnings.extend(prep["sampled"].warnings)
     text, boxes, scores, model_s = run_model(loaded, prep)
