@@ -58,7 +58,7 @@ def main() -> None:
     elapsed = time.time() - t0
     order = ["all", "form=plain", "form=moving", "form=still", "no twin", "twin"]
     table = {g: summarize(groups[g]) for g in order if g in groups}
-    header = f"| group | n | m_tIoU | m_vIoU | vIoU@0.3 | vIoU@0.5 |\n|---|---|---|---|---|---|"
+    header = "| group | n | m_tIoU | m_vIoU | vIoU@0.3 | vIoU@0.5 |\n|---|---|---|---|---|---|"
     lines = [header] + [f"| {g} | {m['n']} | {m['m_tIoU']:.3f} | {m['m_vIoU']:.3f} | {m['vIoU@0.3']:.3f} | "
                         f"{m['vIoU@0.5']:.3f} |" for g, m in table.items()]
     verdict = ", ".join(f"{k} {table['all'][k]:.3f} {'>=' if table['all'][k] >= v else '<'} {v}"

@@ -73,7 +73,7 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     """Ground every pair; returns (succeeded, failed, skipped as already done)."""
     from tqdm import tqdm
 
-    from .pipeline import finish, prepare, run_model, unknown_words, vocabulary_warning
+    from .pipeline import ground_prepared, prepare
     from .result import JsonlWriter, error_result
     from .weights import LoadedModel, load_model
 
@@ -113,13 +113,7 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
                 res = error_result(item[0], item[1], err, str(err))
                 n_failed += 1
             else:
-                warnings = list(data["sampled"].warnings)
-                unknown = unknown_words(item[1], loaded.training_vocabulary)
-                if unknown:
-                    warnings.insert(0, vocabulary_warning(loaded.name, unknown))
-                text, boxes, scores, model_s = run_model(loaded, data)
-                res = finish(loaded, data, item[0], text, boxes, scores,
-                             {"decode": data["decode_s"], "model": model_s}, warnings)
+                res = ground_prepared(loaded, data, item[0])
                 n_ok += 1
             writer.append(res)
             bar.update(1)

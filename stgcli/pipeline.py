@@ -149,12 +149,19 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     if not Path(video).exists():  # cheap mistakes first, before a model load
         raise UserError(f"{video}: no such file")
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    prep = prepare(loaded, video, query, frames, start_s, end_s)
+    return ground_prepared(loaded, prep, video, t0)
+
+
+def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | None = None) -> GroundingResult:
+    """The model half of `ground` on a clip `prepare` has decoded (batch decodes ahead in a thread)."""
     warnings: list[str] = []
-    unknown = unknown_words(query, loaded.training_vocabulary)
+    unknown = unknown_words(prep["query"], loaded.training_vocabulary)
     if unknown:
         warnings.append(vocabulary_warning(loaded.name, unknown))
-    prep = prepare(loaded, video, query, frames, start_s, end_s)
     warnings.extend(prep["sampled"].warnings)
     text, boxes, scores, model_s = run_model(loaded, prep)
-    timing = {"decode": prep["decode_s"], "model": model_s, "total": time.perf_counter() - t0}
+    timing = {"decode": prep["decode_s"], "model": model_s}
+    if t0 is not None:
+        timing["total"] = time.perf_counter() - t0
     return finish(loaded, prep, video, text, boxes, scores, timing, warnings)

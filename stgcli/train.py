@@ -6,10 +6,8 @@ Loss = LM cross-entropy on the answer text + L1 + GIoU on boxes of frames inside
 """
 from __future__ import annotations
 
-import io
 import json
 import math
-import os
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
