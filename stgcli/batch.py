@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import json
 import sys
-import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -73,10 +72,11 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     """Ground every pair; returns (succeeded, failed, skipped as already done)."""
     from tqdm import tqdm
 
-    from .pipeline import ground_prepared, prepare
+    from .pipeline import check_frames, ground_prepared, prepare
     from .result import JsonlWriter, error_result
     from .weights import LoadedModel, load_model
 
+    check_frames(frames)
     items = collect_items(Path(source), query)
     if out_path.exists() and not resume:
         raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
@@ -88,11 +88,10 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     n_ok = n_failed = 0
 
     def prep(item):
-        t0 = time.perf_counter()
         try:
-            return prepare(loaded, item[0], item[1], frames), None, t0
+            return prepare(loaded, item[0], item[1], frames), None
         except Exception as e:  # one bad file must not stop ten thousand others
-            return None, e, t0
+            return None, e
 
     bar = tqdm(total=len(todo), desc="batch", unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
@@ -108,7 +107,7 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
             nxt = next(it, None)
             if nxt is not None:
                 window.append((nxt, pool.submit(prep, nxt)))
-            data, err, t0 = fut.result()
+            data, err = fut.result()
             if err is not None:
                 res = error_result(item[0], item[1], err, str(err))
                 n_failed += 1

@@ -101,17 +101,13 @@ def _summary(res) -> str:
 def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, render_path,
            as_json) -> None:
     """Find when and where QUERY is in VIDEO."""
-    from .pipeline import check_query, ground as run
+    from .pipeline import check_frames, check_query, check_video_path, ground as run
     from .result import write_json_atomic
     from .weights import resolve_device
 
-    check_query(query)
-    if frames is not None and frames < 1:
-        raise UserError(f"--frames {frames}: must be at least 1")
-    if not video.exists():
-        raise UserError(f"{video}: no such file")
-    if video.is_dir():
-        raise UserError(f"{video}: is a directory; pass a video file (or use `stg batch` for folders)")
+    check_query(query)  # before the device note, so a mistake prints one line only
+    check_frames(frames)
+    check_video_path(video)
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,

@@ -4,7 +4,6 @@
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import time
@@ -23,6 +22,20 @@ def check_query(query: str) -> str:
     if not q:
         raise UserError("empty query: describe the object to find, e.g. \"the red circle moving left\"")
     return q
+
+
+def check_frames(frames: int | None) -> None:
+    if frames is not None and frames < 1:
+        raise UserError(f"--frames {frames}: must be at least 1")
+
+
+def check_video_path(video: str | os.PathLike) -> None:
+    """The mistakes worth catching before a model load."""
+    p = Path(video)
+    if not p.exists():
+        raise UserError(f"{video}: no such file")
+    if p.is_dir():
+        raise UserError(f"{video}: is a directory; pass a video file (or use `stg batch` for folders)")
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
@@ -48,9 +61,8 @@ def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = N
     from .video import sample_frames
 
     query = check_query(query)
+    check_frames(frames)
     n = frames if frames is not None else loaded.default_frames
-    if n < 1:
-        raise UserError(f"--frames {n}: must be at least 1")
     s = loaded.processor.settings.image_size
     t0 = time.perf_counter()
     sampled = sample_frames(video, n, start_s=start_s, end_s=end_s, size=(s, s))
@@ -62,24 +74,15 @@ def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = N
 
 def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:
     """Video frames whose timestamp lies in [lo, hi], kept inside the sampled window."""
-    info = sampled.info
-    first, last = int(sampled.indices[0]), int(sampled.indices[-1])
-    # The window the user asked for bounds the span; frames past the sampled ends stay reachable
-    # only up to the window edges (the whole clip by default).
-    w_lo = 0 if first == 0 else first
-    w_hi = info.num_frames - 1 if last >= info.num_frames - 1 else last
+    # The sampled window (the whole clip by default) bounds the span. Frame times are index/fps
+    # for constant-rate files and the stream's pts for VFR: one clock for both.
+    w_lo, w_hi = int(sampled.indices[0]), int(sampled.indices[-1])
+    t = sampled.frame_times
     eps = 1e-6
-    if sampled.frame_times is not None:  # VFR: the stream's own clock
-        t = sampled.frame_times
-        a = max(w_lo, int(np.searchsorted(t, lo - eps, side="left")))
-        b = min(w_hi, int(np.searchsorted(t, hi + eps, side="right")) - 1)
-        if a > b:
-            a = b = int(np.clip(np.abs(t - (lo + hi) / 2).argmin(), w_lo, w_hi))
-        return a, b
-    a = max(w_lo, math.ceil(lo * info.fps - eps))
-    b = min(w_hi, math.floor(hi * info.fps + eps))
+    a = max(w_lo, int(np.searchsorted(t, lo - eps, side="left")))
+    b = min(w_hi, int(np.searchsorted(t, hi + eps, side="right")) - 1)
     if a > b:  # a span narrower than one frame: take the nearest frame
-        a = b = int(np.clip(round((lo + hi) / 2 * info.fps), w_lo, w_hi))
+        a = b = int(np.clip(np.abs(t - (lo + hi) / 2).argmin(), w_lo, w_hi))
     return a, b
 
 
@@ -146,8 +149,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
 
     t0 = time.perf_counter()
     query = check_query(query)
-    if not Path(video).exists():  # cheap mistakes first, before a model load
-        raise UserError(f"{video}: no such file")
+    check_frames(frames)
+    check_video_path(video)  # cheap mistakes first, before a model load
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
     prep = prepare(loaded, video, query, frames, start_s, end_s)
     return ground_prepared(loaded, prep, video, t0)

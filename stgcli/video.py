@@ -69,7 +69,7 @@ class SampledFrames:
     info: VideoInfo
     time_source: str  # "index/fps" or "pts"
     warnings: list[str] = field(default_factory=list)
-    frame_times: np.ndarray | None = None  # every frame's time (VFR only), to map a span to frames
+    frame_times: np.ndarray | None = None  # every frame's time, on the clock of times_s (maps a span to frames)
 
 
 @dataclass(frozen=True)
@@ -460,7 +460,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     stack = np.stack([frames[i] for i in idx]).astype(np.uint8, copy=False)
     return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=used),
                          "pts" if scan.info.vfr else "index/fps",
-                         list(scan.warnings) + warnings, scan.times_s if scan.info.vfr else None)
+                         list(scan.warnings) + warnings, scan.times_s)
 
 
 def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None

@@ -124,3 +124,10 @@ def test_kill_9_mid_batch_then_resume(folder, tmp_path):
     docs = lines(out)
     keys = [(d["video"]["path"], d["query"]) for d in docs]
     assert len(keys) == len(set(keys)) == 9  # every clip once: no loss, no duplicate
+
+
+def test_frames_below_one_is_a_user_error_before_any_work(folder, tmp_path, capsys):
+    code, _, err = run(capsys, "batch", str(folder), "--query", "the red circle", "--frames", "0",
+                       "--out", str(tmp_path / "o.jsonl"))
+    assert_user_error(code, err, "--frames")
+    assert not (tmp_path / "o.jsonl").exists()
