@@ -180,6 +180,26 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
 
 
 @cli.command()
+@click.argument("results", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["mot", "csv"]), required=True,
+              help="mot: MOTChallenge txt (1-based frames, left,top,width,height); csv: one row per box.")
+@click.option("--out", "out_path", type=click.Path(path_type=Path), default=None,
+              help="Output file (default: stdout); for MOT from a .jsonl, a folder (one .txt per video).")
+@click.option("--force", is_flag=True, help="Overwrite existing outputs.")
+def export(results: Path, fmt: str, out_path, force: bool) -> None:
+    """Convert RESULTS (a stg ground .json or a stg batch .jsonl) to MOT or CSV."""
+    from .export import export as run
+
+    text, written, notes = run(results, fmt, out_path, force)
+    for n in notes:
+        click.echo(f"stg: note: {n}", err=True)
+    if text is not None:
+        click.echo(text, nl=False)
+    for p in written:
+        click.echo(f"wrote {p}", err=True)
+
+
+@cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option("--n", type=int, default=100, show_default=True, help="Number of clips.")
 @click.option("--seed", type=int, default=0, show_default=True)

@@ -62,6 +62,7 @@ __all__ = [
     "sanitize_xyxy",
     "validate",
     "write_json_atomic",
+    "write_text_atomic",
 ]
 
 
@@ -697,14 +698,20 @@ def _new_file_mode(path: Path) -> int:
 def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> Path:
     """Write JSON so readers see the old file or the whole new one, never a partial file.
 
-    Serializes first (so a bad object touches nothing), writes a temp file in the target's
-    directory (same filesystem, so the rename is atomic), fsyncs it, `os.replace`s it over the
-    target and fsyncs the directory. On any failure the temp file is removed and the old
-    target is left as it was. Parent directories are created.
+    Serializes first (so a bad object touches nothing), then `write_text_atomic`.
+    """
+    return write_text_atomic(path, _dumps(_as_dict(obj), indent=indent) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Readers see the old file or the whole new one: a temp file in the target's directory
+    (same filesystem, so the rename is atomic) is fsynced and `os.replace`d over the target,
+    then the directory is fsynced. On failure the temp file goes and the old target stays.
+    Parent directories are created.
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = (_dumps(_as_dict(obj), indent=indent) + "\n").encode("utf-8")
+    data = text.encode("utf-8")
     mode = _new_file_mode(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

@@ -1,0 +1,150 @@
+"""`stg export`: grounding results as MOTChallenge txt or as one flat CSV.
+
+MOT is what tracking tools (TrackEval, py-motmetrics, CVAT import) read: one text file per
+video sequence, one line per box, `frame,id,left,top,width,height,conf,-1,-1,-1` with
+1-based frames. Each query grounded in a video becomes one track id of that video's file.
+The CSV is one row per boxed frame, for spreadsheets and pandas.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import UserError
+from .result import ResultError, read_jsonl, validate, write_text_atomic
+
+FORMATS = ("mot", "csv")
+CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "score", "source")
+
+
+def load_results(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
+    """stg.grounding/v1 documents from a RESULT.json or a batch results.jsonl, plus warnings."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: no such result file; write one with `stg ground ... --out` or `stg batch`")
+    warnings = []
+    if p.suffix.lower() == ".jsonl":
+        read = read_jsonl(p)
+        docs = read.records
+        if read.torn:
+            warnings.append(f"{p}: the last line is incomplete (a batch was interrupted); skipped it")
+    else:
+        try:
+            docs = [json.loads(p.read_text(encoding="utf-8"))]
+        except (ValueError, UnicodeDecodeError) as e:
+            raise UserError(f"{p}: not valid JSON ({e}); pass a stg.grounding/v1 .json or a .jsonl") from None
+    for i, doc in enumerate(docs, 1):
+        try:
+            validate(doc, semantic=False)
+        except ResultError as e:
+            where = f"line {i}" if p.suffix.lower() == ".jsonl" else "document"
+            raise UserError(f"{p}: {where} is not a stg.grounding/v1 result ({e})") from None
+    return docs, warnings
+
+
+def _boxed(docs: list[dict]) -> list[dict]:
+    return [d for d in docs if not d.get("error") and d.get("track")]
+
+
+def _mot_lines(doc: dict, track_id: int) -> list[str]:
+    out = []
+    for t in doc["track"]:
+        x1, y1, x2, y2 = t["xyxy"]
+        out.append(f"{t['frame'] + 1},{track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
+                   f"{t['score']:.4f},-1,-1,-1")
+    return out
+
+
+def to_mot(docs: list[dict]) -> dict[str, tuple[str, list[tuple[int, str]]]]:
+    """Per video path: (MOT text, [(track id, query)]). Ids count from 1 per video, in input order."""
+    per_video: dict[str, list[dict]] = {}
+    for d in _boxed(docs):
+        per_video.setdefault(d["video"]["path"], []).append(d)
+    out = {}
+    for video, items in per_video.items():
+        lines, ids = [], []
+        for k, d in enumerate(items, 1):
+            lines.extend(_mot_lines(d, k))
+            ids.append((k, d["query"]))
+        # MOT tools expect lines ordered by frame, then id
+        lines.sort(key=lambda s: tuple(int(v) for v in s.split(",", 2)[:2]))
+        out[video] = ("\n".join(lines) + "\n", ids)
+    return out
+
+
+def to_csv(docs: list[dict]) -> str:
+    """One row per boxed frame of every result; results without a track have no rows."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_COLUMNS)
+    for d in _boxed(docs):
+        for t in d["track"]:
+            w.writerow([d["video"]["path"], d["query"], t["frame"], t["time_s"], *t["xyxy"], t["score"],
+                        t["source"]])
+    return buf.getvalue()
+
+
+def _unique_names(videos: list[str]) -> dict[str, str]:
+    """`<stem>.txt` per video; a stem shared by two folders gets `-2`, `-3`, ... appended."""
+    names, used = {}, set()
+    for v in videos:
+        stem, k = Path(v).stem, 1
+        name = f"{stem}.txt"
+        while name in used:
+            k += 1
+            name = f"{stem}-{k}.txt"
+        used.add(name)
+        names[v] = name
+    return names
+
+
+def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = None,
+           force: bool = False) -> tuple[str | None, list[Path], list[str]]:
+    """Convert results; returns (text for stdout or None, files written, notes for stderr).
+
+    A single RESULT.json exports to `out` or stdout. MOT from a results.jsonl needs `out` as a
+    folder: one `<video>.txt` per video plus `tracks.csv` naming each (file, id, video, query).
+    Existing outputs are never replaced unless `force`.
+    """
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown; use one of {', '.join(FORMATS)}")
+    src = Path(source)
+    docs, notes = load_results(src)
+    n_empty = len(docs) - len(_boxed(docs))
+    if n_empty:
+        notes.append(f"{n_empty} of {len(docs)} results have no track (no span or an error) and export no rows")
+    out_p = Path(out) if out is not None else None
+    if fmt == "csv" or src.suffix.lower() != ".jsonl":
+        text = to_csv(docs) if fmt == "csv" else next(iter(to_mot(docs).values()), ("", []))[0]
+        if out_p is None:
+            return text, [], notes
+        _refuse_overwrite(out_p, force)
+        return None, [write_text_atomic(out_p, text)], notes
+    if out_p is None:
+        raise UserError(f"{src}: MOT export of a .jsonl writes one file per video; pass --out FOLDER")
+    if out_p.exists() and not out_p.is_dir():
+        raise UserError(f"{out_p}: is a file; MOT export of a .jsonl needs --out FOLDER")
+    if out_p.is_dir() and any(out_p.iterdir()) and not force:
+        raise UserError(f"{out_p}: folder is not empty; pass --force to write into it or choose another --out")
+    mot = to_mot(docs)
+    names = _unique_names(list(mot))
+    written, index = [], io.StringIO()
+    w = csv.writer(index, lineterminator="\n")
+    w.writerow(("file", "id", "video", "query"))
+    for video, (text, ids) in mot.items():
+        written.append(write_text_atomic(out_p / names[video], text))
+        for k, q in ids:
+            w.writerow((names[video], k, video, q))
+    written.append(write_text_atomic(out_p / "tracks.csv", index.getvalue()))
+    return None, written, notes
+
+
+def _refuse_overwrite(path: Path, force: bool) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; pass a file name to --out")
+    if path.exists() and not force:
+        raise UserError(f"{path}: exists; pass --force to overwrite or choose another --out")
