@@ -68,8 +68,12 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
 
 def run_batch(source: Path, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True) -> tuple[int, int, int]:
-    """Ground every pair; returns (succeeded, failed, skipped as already done)."""
+              progress: bool = True, workers: int = 1) -> tuple[int, int, int]:
+    """Ground every pair; returns (succeeded, failed, skipped as already done).
+
+    `workers` threads decode ahead (PyAV and decord release the GIL while decoding); at most
+    `workers + 2` decoded clips wait for the model, so memory does not grow with the batch.
+    """
     from tqdm import tqdm
 
     from .pipeline import check_frames, ground_prepared, prepare
@@ -77,6 +81,8 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     from .weights import LoadedModel, load_model
 
     check_frames(frames)
+    if workers < 1:
+        raise UserError(f"--workers {workers}: must be at least 1")
     items = collect_items(Path(source), query)
     if out_path.exists() and not resume:
         raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
@@ -95,12 +101,12 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
 
     bar = tqdm(total=len(todo), desc="batch", unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    with writer, ThreadPoolExecutor(max_workers=1) as pool:
+    with writer, ThreadPoolExecutor(max_workers=workers) as pool:
         window: deque = deque()
         it = iter(todo)
         for item in it:  # keep a few clips decoded ahead, never more
             window.append((item, pool.submit(prep, item)))
-            if len(window) >= 3:
+            if len(window) >= workers + 2:
                 break
         while window:
             item, fut = window.popleft()

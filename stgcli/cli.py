@@ -137,14 +137,16 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 @click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
+@click.option("--workers", type=int, default=1, show_default=True,
+              help="Threads decoding clips ahead of the model.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
-def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, resume) -> None:
+def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, workers, resume) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
 
     n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
-                                          device=device, quant=quant, resume=resume)
+                                          device=device, quant=quant, resume=resume, workers=workers)
     click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
     if n_failed:
         sys.exit(1)

@@ -86,6 +86,7 @@ class _Scan:
     reordered: bool  # B-frames: decode order differs from presentation order
     counted: bool  # no usable timestamps: frames are identified by counting from the start
     warnings: tuple[str, ...]
+    provisional: bool = False  # frame count from packets, tail not yet seen to decode
 
     @property
     def times_s(self) -> np.ndarray:
@@ -343,11 +344,14 @@ def _declared_seconds(container, stream) -> float | None:
     return None
 
 
-def _scan(path: str | os.PathLike) -> _Scan:
+def _scan(path: str | os.PathLike, verify_tail: bool = True) -> _Scan:
     """Demux once, verify the tail decodes, and derive every fact `VideoInfo` reports.
 
     Fast path: packet timestamps plus a decode of the last GOP. Slow path (no usable
     timestamps, no seek index, or a tail that does not decode): decode everything once.
+    With `verify_tail=False` the fast path skips the tail decode and returns a provisional
+    scan (one frame per packet); `sample_frames` then checks the tail as it reads it, which
+    saves decoding a short clip's single GOP twice.
     """
     with _open(path) as container:
         stream = _video_stream(container, path)
@@ -358,6 +362,11 @@ def _scan(path: str | os.PathLike) -> _Scan:
         keys = np.flatnonzero(np.asarray(pk.keys, bool)[order]) if len(order) else order
         usable = len(pts) and not pk.missing_ts and len(np.unique(pts)) == len(pts)
         good, frame, counted = None, None, False
+        if usable and _format_name(container) in _SEEKABLE and not pk.demux_error and not verify_tail:
+            frame = next(iter(_decode(container, stream, int(pts[0]))), None)  # for the rotation
+            if frame is not None:
+                scan = _build_scan(path, container, stream, pk, pts, keys, False, frame)
+                return replace(scan, provisional=True, info=replace(scan.info, backend="pyav"))
         if usable and _format_name(container) in _SEEKABLE:
             good, frame = _verify_tail(container, stream, pts, keys)
         if good is None:  # frames identified in one sequential pass; never seek later
@@ -448,11 +457,15 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     `backend` "auto" picks decord where its random access is exact, else PyAV.
     """
     _check_args(path, num_frames, size, backend)
-    scan = _scan(path)
-    lo, hi = _window(scan, start_s, end_s)
-    idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
-    use = scan.info.backend if backend == "auto" else backend
-    frames, used, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
+    scan, frames = _sample_single_pass(path, num_frames, start_s, end_s, size, backend)
+    if frames is None:  # the careful way: tail verified first, then the chosen backend
+        scan = _scan(path)
+        lo, hi = _window(scan, start_s, end_s)
+        idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
+        use = scan.info.backend if backend == "auto" else backend
+        frames, used, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
+    else:
+        used, warnings = "pyav", []
     idx = np.asarray(sorted(frames), np.int64)
     if not len(idx):
         raise VideoError(f"{path}: none of the sampled frames decode (corrupt file); "
@@ -461,6 +474,32 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=used),
                          "pts" if scan.info.vfr else "index/fps",
                          list(scan.warnings) + warnings, scan.times_s)
+
+
+def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: str):
+    """(provisional scan, frames) when one PyAV pass both reads the samples and proves the
+    tail decodes; (None, None) when the careful path must run instead.
+
+    Sampling always includes the window's last frame, so when the window reaches the end
+    of the video, decoding the samples decodes the tail: if every sampled frame (the last
+    packet's among them) comes back, the packet count was the decodable count and the scan
+    is exact. Anything else (a window ending early, a frame that did not decode, a forced
+    decord backend) falls back to the careful scan. Short clips, a single GOP, decoded once
+    instead of twice.
+    """
+    if backend == "decord":
+        return None, None
+    scan = _scan(path, verify_tail=False)
+    if not scan.provisional:
+        return None, None
+    lo, hi = _window(scan, start_s, end_s)
+    if hi != scan.info.num_frames - 1:
+        return None, None
+    idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
+    got = _read_pyav(path, scan, idx, size)
+    if len(got) != len(idx):
+        return None, None
+    return replace(scan, provisional=False), got
 
 
 def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None

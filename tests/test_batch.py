@@ -131,3 +131,21 @@ def test_frames_below_one_is_a_user_error_before_any_work(folder, tmp_path, caps
                        "--out", str(tmp_path / "o.jsonl"))
     assert_user_error(code, err, "--frames")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, capsys, clip):
+    shutil.copy(clip("text.mp4"), folder / "broken.mp4")
+    one, three = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
+    assert run_batch(folder, one, query="the red circle", model=model, progress=False) == (3, 1, 0)
+    assert run_batch(folder, three, query="the red circle", model=model, progress=False, workers=3) == (3, 1, 0)
+
+    def comparable(d):
+        d = dict(d)
+        d.pop("timing_s", None)
+        return d
+
+    assert [comparable(d) for d in lines(three)] == [comparable(d) for d in lines(one)]
+    code, _, err = run(capsys, "batch", str(folder), "--query", "x", "--out", str(tmp_path / "w.jsonl"),
+                       "--workers", "0")
+    assert_user_error(code, err, "--workers 0")
+    assert not (tmp_path / "w.jsonl").exists()
