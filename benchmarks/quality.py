@@ -10,9 +10,7 @@ and writes benchmarks/results/quality.json plus a section of benchmarks/RESULTS.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
+from _common import machine, today, write_section  # noqa: E402
 from stgcli import load_model, ground  # noqa: E402
 from stgcli.metrics import score_sample, summarize  # noqa: E402
 from stgcli.synth import synth_dataset  # noqa: E402
@@ -68,26 +67,16 @@ def main() -> None:
     print(f"{len(rows)} clips grounded in {elapsed:.0f}s ({elapsed / len(rows):.2f}s per clip)")
     if args.no_write:
         return
-    when = datetime.date.today().isoformat()
-    machine = f"{platform.processor() or platform.machine()}, {__import__('os').cpu_count()} cores, {platform.system()}"
-    out = {"date": when, "machine": machine, "model": model.name, "sha256": model.sha256, "n": len(rows),
+    when, where = today(), machine()
+    out = {"date": when, "machine": where, "model": model.name, "sha256": model.sha256, "n": len(rows),
            "seed": args.seed, "frames": args.frames or model.default_frames, "groups": table,
            "seconds_per_clip": round(elapsed / len(rows), 3)}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
-    section = (f"## Quality (benchmarks/quality.py)\n\n{when}, {machine}. Model `{model.name}`, "
+    section = (f"## Quality (benchmarks/quality.py)\n\n{when}, {where}. Model `{model.name}`, "
                f"{len(rows)} held-out shapes-world clips (seed {args.seed}), H.264 round trip, "
                f"{out['frames']} frames per clip.\n\n" + "\n".join(lines) + f"\n\nTargets: {verdict}.\n")
-    _write_section(HERE / "RESULTS.md", "## Quality", section)
-
-
-def _write_section(path: Path, heading: str, section: str) -> None:
-    """Replace one `## ` section of RESULTS.md, keeping the others."""
-    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    parts = text.split("\n## ")
-    head, rest = parts[0], ["## " + p for p in parts[1:]]
-    rest = [p for p in rest if not p.startswith(heading)] + [section]
-    path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
+    write_section("## Quality", section)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
 
 def run_batch(source: Path, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True, workers: int = 1) -> tuple[int, int, int]:
+              progress: bool = True, workers: int = 2) -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done).
 
     `workers` threads decode ahead (PyAV and decord release the GIL while decoding); at most

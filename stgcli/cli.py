@@ -137,7 +137,7 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 @click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
-@click.option("--workers", type=int, default=1, show_default=True,
+@click.option("--workers", type=int, default=2, show_default=True,
               help="Threads decoding clips ahead of the model.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")

@@ -1,0 +1,33 @@
+"""What every benchmark script shares: the machine line and the RESULTS.md section writer."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    mem = ""
+    try:
+        kb = int(next(line for line in open("/proc/meminfo") if line.startswith("MemTotal")).split()[1])
+        mem = f", {kb / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return f"{cpu}, {os.cpu_count()} cores{mem}, {platform.system()}"
+
+
+def today() -> str:
+    return datetime.date.today().isoformat()
+
+
+def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") -> None:
+    """Replace one `## ` section of RESULTS.md, keeping the others."""
+    text = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    parts = text.split("\n## ")
+    head, rest = parts[0], ["## " + p for p in parts[1:]]
+    rest = [p for p in rest if not p.startswith(heading)] + [section]
+    path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))

@@ -1,0 +1,233 @@
+"""`stg batch` throughput and memory, `stg ground` cold start, `stg --help` latency (CPU).
+
+    python benchmarks/batch.py [--n 100] [--seed 4242] [--workers 1] [--clips DIR] [--no-write]
+
+1. Baseline: a plain sequential decord loop that only decodes the frames the model would get
+   (same indices, same size): per-clip seconds.
+2. `stg batch` as a user runs it (a subprocess on the clips' manifest): the output file is
+   polled so each result line gets a timestamp; steady state = (last line - first line) /
+   (n - 1), start-up and model load reported apart. Peak RSS (VmHWM) at clip 10 and clip n.
+3. `stg ground --json --out` cold start, wall time, with its breakdown measured in a fresh
+   process: imports, model load, decode, model, write.
+4. `stg --help` wall time (median of 5).
+Writes benchmarks/results/batch.json and the "## Batch" section of benchmarks/RESULTS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import HERE, machine, today, write_section
+
+ROOT = HERE.parent
+PY = sys.executable
+TARGET_RATIO = 1.1
+TARGET_RSS_GROWTH = 0.10
+EXAMPLE = ROOT / "examples" / "shapes.mp4"
+
+
+def make_clips(folder: Path, n: int, seed: int) -> list[dict]:
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists():
+        subprocess.run([PY, "-m", "stgcli", "synth", str(folder), "--n", str(n), "--seed", str(seed)], check=True,
+                       stderr=subprocess.DEVNULL)
+    rows = [json.loads(x) for x in manifest.read_text().splitlines()][:n]
+    if len(rows) < n:
+        sys.exit(f"{manifest} has {len(rows)} clips, fewer than --n {n}; use another --clips folder")
+    return rows
+
+
+def decord_baseline(paths: list[Path], frames: int, size: int) -> float:
+    """Seconds per clip for decord alone: open, the model's sample indices, resized decode."""
+    import decord
+
+    from stgcli.video import sample_indices
+
+    def one(p: Path) -> None:
+        vr = decord.VideoReader(str(p), ctx=decord.cpu(0), width=size, height=size)
+        vr.get_batch(sample_indices(len(vr), frames).tolist()).asnumpy()
+
+    for p in paths[:3]:  # warm the page cache and decord's libraries
+        one(p)
+    t0 = time.perf_counter()
+    for p in paths:
+        one(p)
+    return (time.perf_counter() - t0) / len(paths)
+
+
+def _rss_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a live process in KiB."""
+    vals = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                key, v = line.split(":")
+                vals[key] = int(v.split()[0])
+    return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
+
+
+def run_batch(manifest: Path, n: int, workers: int, tmp: Path) -> dict:
+    """Run `stg batch` in a subprocess and timestamp every result line as it lands."""
+    out = tmp / "results.jsonl"
+    if out.exists():
+        out.unlink()
+    cmd = [PY, "-m", "stgcli", "batch", str(manifest), "--out", str(out), "--device", "cpu",
+           "--workers", str(workers)]
+    t_start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stamps: list[float] = []
+    rss: dict[int, tuple[int, int]] = {}
+    while True:
+        done = proc.poll() is not None
+        count = out.read_bytes().count(b"\n") if out.exists() else 0
+        now = time.perf_counter()
+        stamps.extend([now] * (count - len(stamps)))
+        if not done:
+            for mark in (10, n):
+                if count >= mark and mark not in rss:
+                    rss[mark] = _rss_kib(proc.pid)
+        if done:
+            break
+        time.sleep(0.005)
+    err = proc.stderr.read()
+    if proc.returncode not in (0, 1) or len(stamps) != n:
+        sys.exit(f"stg batch failed (exit {proc.returncode}, {len(stamps)} of {n} lines):\n{err[-2000:]}")
+    docs = [json.loads(x) for x in out.read_text().splitlines()]
+    failed = sum(1 for d in docs if d.get("error"))
+    if n not in rss:  # the process ended between polls at the last line: VmHWM only grows
+        rss[n] = rss.get(10, (0, 0))
+    steady = (stamps[-1] - stamps[0]) / (n - 1)
+    decode = statistics.mean(d["timing_s"]["decode"] for d in docs if not d.get("error"))
+    model = statistics.mean(d["timing_s"]["model"] for d in docs if not d.get("error"))
+    return {"workers": workers, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
+            "total_s": time.perf_counter() - t_start, "failed": failed,
+            "in_worker_decode_s": decode, "model_s": model,
+            "peak_rss_mib_at_10": rss[10][1] / 1024, "peak_rss_mib_at_n": rss[n][1] / 1024}
+
+
+_COLD = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, transformers  # noqa: F401  the heavy imports a ground call pays for
+from stgcli import load_model
+from stgcli.pipeline import ground_prepared, prepare
+from stgcli.result import write_json_atomic
+t1 = time.perf_counter()
+m = load_model(device="cpu")
+t2 = time.perf_counter()
+prep = prepare(m, sys.argv[1], sys.argv[2])
+t3 = time.perf_counter()
+res = ground_prepared(m, prep, sys.argv[1])
+t4 = time.perf_counter()
+write_json_atomic(sys.argv[3], res)
+t5 = time.perf_counter()
+print(json.dumps({"imports": t1 - t0, "model_load": t2 - t1, "decode": t3 - t2, "model": t4 - t3,
+                  "write": t5 - t4}))
+"""
+
+
+def cold_start(tmp: Path, reps: int = 3) -> dict:
+    """Wall time of the real command, and a breakdown from an instrumented fresh process."""
+    query = "the red circle moving left"
+    walls, parts = [], []
+    for _ in range(reps):
+        out = tmp / "cold.json"
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-m", "stgcli", "ground", str(EXAMPLE), query, "--device", "cpu", "--json",
+                        "--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        r = subprocess.run([PY, "-c", _COLD, str(EXAMPLE), query, str(tmp / "cold2.json")], check=True,
+                           capture_output=True, text=True)
+        d = json.loads(r.stdout.strip().splitlines()[-1])
+        d["interpreter"] = (time.perf_counter() - t0) - sum(d.values())
+        parts.append(d)
+    med = {k: statistics.median(p[k] for p in parts) for k in parts[0]}
+    return {"wall_s": statistics.median(walls), "breakdown_s": med}
+
+
+def help_latency(reps: int = 5) -> float:
+    walls = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        subprocess.run([PY, "-m", "stgcli", "--help"], check=True, stdout=subprocess.DEVNULL)
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100)
+    ap.add_argument("--seed", type=int, default=4242)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1])
+    ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+    if args.n < 11:
+        sys.exit("--n must be at least 11 (RSS is compared between clip 10 and clip n)")
+
+    sys.path.insert(0, str(ROOT))
+    from stgcli.weights import load_model
+
+    tmp = Path(tempfile.mkdtemp(prefix="stg-bench-batch-"))
+    clips = Path(args.clips) if args.clips else tmp / "clips"
+    rows = make_clips(clips, args.n, args.seed)
+    paths = [clips / r["video"] for r in rows]
+    m = load_model(device="cpu")
+    frames, size = m.default_frames, m.processor.settings.image_size
+    del m
+    manifest = tmp / "manifest.jsonl"  # the clips with their own queries, paths absolute
+    manifest.write_text("".join(json.dumps({"video": str(p), "query": r["query"]}) + "\n"
+                                for p, r in zip(paths, rows)))
+
+    base = decord_baseline(paths, frames, size)
+    runs = [run_batch(manifest, args.n, w, tmp) for w in args.workers]
+    cold = cold_start(tmp)
+    helps = help_latency()
+
+    lines = ["| run | steady s/clip | ratio to decord | start-up s | peak RSS clip 10 MiB | "
+             f"peak RSS clip {args.n} MiB | RSS growth |", "|---|---|---|---|---|---|---|",
+             f"| decord decode loop ({frames} frames at {size}x{size}) | {base:.3f} | 1.00 | | | | |"]
+    for r in runs:
+        r["ratio"] = r["steady_s_per_clip"] / base
+        r["rss_growth"] = r["peak_rss_mib_at_n"] / r["peak_rss_mib_at_10"] - 1
+        lines.append(f"| stg batch --workers {r['workers']} | {r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['startup_s']:.2f} | {r['peak_rss_mib_at_10']:.0f} | {r['peak_rss_mib_at_n']:.0f} | "
+                     f"{100 * r['rss_growth']:+.1f}% |")
+    best = min(runs, key=lambda r: r["ratio"])
+    b = cold["breakdown_s"]
+    cold_line = (f"`stg ground` cold start (process start to JSON written, median of 3): {cold['wall_s']:.2f} s; "
+                 "breakdown in a fresh process: " + ", ".join(f"{k} {v:.2f} s" for k, v in b.items()))
+    verdict = (f"steady-state ratio {best['ratio']:.2f} ({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} "
+               f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
+               f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%); "
+               f"`stg --help` {helps:.2f} s ({'meets' if helps < 1 else 'misses'} < 1 s)")
+    text = "\n".join(lines)
+    print(text)
+    print(f"per clip inside stg batch: decode {best['in_worker_decode_s']:.3f} s (in a worker thread), "
+          f"model {best['model_s']:.3f} s")
+    print(cold_line)
+    print(verdict)
+    if args.no_write:
+        return
+    when, where = today(), machine()
+    out = {"date": when, "machine": where, "n": args.n, "seed": args.seed, "frames": frames, "size": size,
+           "decord_s_per_clip": base, "runs": runs, "cold_start": cold, "help_s": helps}
+    (HERE / "results").mkdir(exist_ok=True)
+    (HERE / "results" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
+    write_section("## Batch", (
+        f"## Batch (benchmarks/batch.py)\n\n{when}, {where}. Built-in model on CPU, {args.n} shapes-world "
+        f"clips (seed {args.seed}), each with its own query; `python benchmarks/batch.py "
+        f"--n {args.n} --workers {' '.join(map(str, args.workers))}`.\n\n{text}\n\n"
+        f"Inside stg batch per clip: decode {best['in_worker_decode_s']:.3f} s (worker thread), model "
+        f"{best['model_s']:.3f} s.\n\n{cold_line}.\n\nVerdict: {verdict}.\n"))
+
+
+if __name__ == "__main__":
+    main()
