@@ -402,3 +402,15 @@ def test_out_written_by_another_model_is_refused(shapes, capsys, tmp_path):
     code, _, err = run(capsys, "eval", "--annotations", str(hc), "--format", "hcstvg", "--videos",
                        str(d / "clips"), "--out", str(out), "--device", "cpu")
     assert_user_error(code, err, "someone-elses-model", "preds.jsonl")
+
+
+def test_readme_worked_example():
+    """The numbers README's `stg eval` section computes by hand."""
+    from stgcli.annotations import Sample
+
+    s = Sample("clip.mp4", "the red circle", (4, 10), gt(4, 10), eval_range=(0, 19), num_frames=20, fps=10.0)
+    p = pred(8, 15, HALF, fps=10.0)
+    stg, tdr = score_one(s, p, "stg"), score_one(s, p, "tubedetr")
+    assert (stg.tiou, stg.viou) == pytest.approx((0.25, 0.125))
+    assert (tdr.tiou, tdr.viou) == pytest.approx((0.25, 1 / 6))
+    assert tubedetr_frames(0, 20, 10.0) == list(range(0, 20, 2))
