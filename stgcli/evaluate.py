@@ -221,6 +221,15 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
         raise UserError("--model runs a model; with --predictions nothing runs, so drop --model")
     samples = load_annotations(annotations, fmt)
     warnings: list[str] = []
+    seen: set[tuple[str, str]] = set()
+    repeats = 0
+    for s in samples:
+        key = (_key_names(s.video)[0], s.query)
+        repeats += key in seen
+        seen.add(key)
+    if repeats:
+        warnings.append(f"{_plural(repeats, 'sample')} repeat the (video, query) of an earlier one and share "
+                        "its prediction")
     missing: set[str] = set()
     if predictions is not None:
         pred_path = Path(predictions)
@@ -300,10 +309,10 @@ def write_per_sample_csv(path: str | os.PathLike[str], scores: Sequence[SampleSc
 
 def check_plot_available() -> None:
     """Fail early (before an hour of inference) when --plot cannot work."""
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise UserError("--plot needs matplotlib: pip install 'stg[plot]' (or pip install matplotlib)") from None
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UserError("--plot needs matplotlib: pip install 'stg[plot]' (or pip install matplotlib)")
 
 
 def plot(path: str | os.PathLike[str], scores: Sequence[SampleScore], title: str | None = None) -> Path:

@@ -414,3 +414,34 @@ def test_readme_worked_example():
     assert (stg.tiou, stg.viou) == pytest.approx((0.25, 0.125))
     assert (tdr.tiou, tdr.viou) == pytest.approx((0.25, 1 / 6))
     assert tubedetr_frames(0, 20, 10.0) == list(range(0, 20, 2))
+
+
+def test_plot_without_matplotlib_is_a_user_error_before_any_work(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    hc = write(tmp_path, "hc.json", HCSTVG_V1)
+    code, out, err = run(capsys, "eval", "--annotations", str(hc), "--format", "hcstvg", "--videos", str(tmp_path),
+                         "--plot", str(tmp_path / "p.png"))
+    assert_user_error(code, err, "matplotlib", "stg[plot]")
+    assert not (tmp_path / "p.png").exists()
+
+
+def test_scoring_predictions_file_without_a_model(tmp_path):
+    from stgcli.evaluate import evaluate
+
+    ann = json.loads(json.dumps(VIDSTG))
+    ann[0]["questions"] = [dict(ann[0]["captions"][0])]  # the same sentence twice: one shared prediction
+    vs = write(tmp_path, "vs.json", ann)
+    # predicted 28..40 inside segment 20..59; G = 30..32 with boxes on 30 and 32 (31 missing)
+    p = pred(28, 40, [1, 2, 11, 12], video="/data/vidstg/2727682922.mp4", query="an adult in white walks.")
+    preds = write(tmp_path, "p.jsonl", json.dumps(p) + "\n")
+    report = evaluate(vs, "vidstg", predictions=preds)
+    # P = 28..40 (13 frames) holds G = 30..32: tIoU = 3 / 13; vIoU = (IoU 1 on 30, 0 on 31 (no GT box),
+    # 90 / 110 on 32: overlap 9 x 10, union 100 + 100 - 90) / 13
+    iou32 = (9 * 10) / (100 + 100 - 90)
+    assert report.metrics["n"] == 2 and report.metrics["n_failed"] == 0
+    assert report.metrics["m_tIoU"] == pytest.approx(3 / 13)
+    assert report.metrics["m_vIoU"] == pytest.approx((1 + iou32) / 13)
+    assert any("share its prediction" in w for w in report.warnings)
