@@ -207,11 +207,14 @@ def train(config_path: Path, resume: bool) -> None:
     click.echo(f"model written to {final}")
 
 
-def _metrics_text(m: dict, protocol: str) -> str:
+def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
     rows = [(k, f"{m[k]:.4f}  ({100 * m[k]:.1f})") for k in ("m_tIoU", "m_vIoU", "vIoU@0.3", "vIoU@0.5")]
     rows.append(("n", f"{m['n']}  ({m['n_failed']} failed)"))
     rows.append(("protocol", protocol))
-    return "\n".join(f"{k:<11} {v}" for k, v in rows)
+    for name, g in (groups or {}).items():  # VidSTG: declarative / interrogative, as its tables split them
+        rows.append((name, "  ".join(f"{k} {g[k]:.4f}" for k in ("m_tIoU", "m_vIoU", "vIoU@0.3", "vIoU@0.5"))
+                     + f"  n {g['n']}"))
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
 
 
 @cli.command(name="eval")
@@ -265,7 +268,7 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol,
     if as_json:
         click.echo(json.dumps(report.metrics))
     else:
-        click.echo(_metrics_text(report.metrics, protocol))
+        click.echo(_metrics_text(report.metrics, protocol, report.by_qtype))
         for label, p in (("predictions", report.predictions), ("per-sample", per_sample), ("plot", plot_path)):
             if p is not None:
-                click.echo(f"{label:<11} {p}")
+                click.echo(f"{label:<13} {p}")

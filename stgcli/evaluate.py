@@ -59,6 +59,15 @@ class EvalReport:
     predictions: Path | None
     warnings: list[str] = field(default_factory=list)
 
+    @property
+    def by_qtype(self) -> dict[str, dict[str, float | int]]:
+        """Metrics per VidSTG sentence type (declarative / interrogative), as its tables report them."""
+        groups: dict[str, list[SampleScore]] = {}
+        for sc in self.scores:
+            if sc.sample.qtype:
+                groups.setdefault(sc.sample.qtype, []).append(sc)
+        return {k: metrics_of(v) for k, v in sorted(groups.items())}
+
 
 # ------------------------------------------------------------------------------------ matching
 
@@ -298,12 +307,12 @@ def write_per_sample_csv(path: str | os.PathLike[str], scores: Sequence[SampleSc
     with open(p, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["video", "query", "tIoU", "vIoU", "pred_start_frame", "pred_end_frame", "gt_start_frame",
-                    "gt_end_frame", "status"])
+                    "gt_end_frame", "status", "qtype"])
         for sc in scores:
             ps, gs = sc.pred_span, sc.sample.gt_span
             w.writerow([sc.sample.video, sc.sample.query, f"{sc.tiou:.4f}", f"{sc.viou:.4f}",
                         "" if ps is None else ps[0], "" if ps is None else ps[1],
-                        "" if gs is None else gs[0], "" if gs is None else gs[1], sc.status])
+                        "" if gs is None else gs[0], "" if gs is None else gs[1], sc.status, sc.sample.qtype or ""])
     return p
 
 

@@ -361,7 +361,7 @@ def test_eval_matches_independent_implementation(shapes, capsys):
                             str(d / "clips"), "--out", str(out), "--device", "cpu")
     assert code == 0, err
     assert len(out.read_text().splitlines()) == 3
-    assert f"m_tIoU      {got['m_tIoU']:.4f}" in stdout and "4  (1 failed)" in stdout
+    assert f"m_tIoU        {got['m_tIoU']:.4f}" in stdout and "4  (1 failed)" in stdout
 
 
 def test_vidstg_segment_limits_the_model(shapes, capsys):
@@ -445,3 +445,20 @@ def test_scoring_predictions_file_without_a_model(tmp_path):
     assert report.metrics["m_tIoU"] == pytest.approx(3 / 13)
     assert report.metrics["m_vIoU"] == pytest.approx((1 + iou32) / 13)
     assert any("share its prediction" in w for w in report.warnings)
+
+
+def test_vidstg_summary_splits_sentence_types(tmp_path, capsys):
+    vs = write(tmp_path, "vs.json", VIDSTG)
+    # the declarative sentence is answered perfectly on its GT boxes (30, 32; 31 has none), the question not at all
+    p = pred(30, 32, [1, 2, 11, 12], video="2727682922.mp4", query="an adult in white walks.")
+    preds = write(tmp_path, "p.jsonl", json.dumps(p) + "\n")
+    code, out, err = run(capsys, "eval", "--annotations", str(vs), "--format", "vidstg", "--predictions", str(preds),
+                         "--per-sample", str(tmp_path / "s.csv"))
+    assert code == 0, err
+    # declarative: tIoU 1; vIoU = (IoU 1 on 30, 0 on 31 (no GT box), 90 / 110 on 32) / 3
+    v = (1 + 90 / 110) / 3
+    assert f"declarative   m_tIoU 1.0000  m_vIoU {v:.4f}" in out
+    assert "interrogative m_tIoU 0.0000  m_vIoU 0.0000" in out
+    assert "1 sample had no prediction" in err
+    rows = list(csv.DictReader(open(tmp_path / "s.csv")))
+    assert [r["qtype"] for r in rows] == ["declarative", "interrogative"]
