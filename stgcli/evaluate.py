@@ -296,10 +296,6 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
 # ----------------------------------------------------------------------------------- outputs
 
 
-def _span_text(span: tuple[int, int] | None) -> str:
-    return "" if span is None else f"{span[0]}-{span[1]}"
-
-
 def write_per_sample_csv(path: str | os.PathLike[str], scores: Sequence[SampleScore]) -> Path:
     """One row per sample: video, query, tIoU, vIoU, predicted and true spans (inclusive frames)."""
     p = Path(path)
