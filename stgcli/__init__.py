@@ -10,7 +10,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "ground", "load_model"]
+__all__ = ["__version__", "evaluate", "ground", "load_model"]
 
 
 def __getattr__(name: str):
@@ -22,4 +22,8 @@ def __getattr__(name: str):
         from .weights import load_model
 
         return load_model
+    if name == "evaluate":  # the module: evaluate.evaluate(), evaluate.plot(), ...
+        import importlib
+
+        return importlib.import_module(".evaluate", __name__)
     raise AttributeError(f"module 'stgcli' has no attribute {name!r}")

@@ -66,11 +66,27 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
     return items
 
 
-def run_batch(source: Path, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
+def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]:
+    """(video, query[, start_s, end_s]) -> 4-tuples with a whitespace-normalized query."""
+    out = []
+    for it in items:
+        video, query = str(it[0]), " ".join(str(it[1]).split())
+        start_s = it[2] if len(it) > 2 else None
+        end_s = it[3] if len(it) > 3 else None
+        out.append((video, query, start_s, end_s))
+    return out
+
+
+def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True, workers: int = 2) -> tuple[int, int, int]:
+              progress: bool = True, workers: int = 2, *, items=None,
+              desc: str = "batch") -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done).
 
+    Pairs come from `source` (folder + `query`, or a manifest), or, for library callers such
+    as `stg eval`, from `items`: (video, query) or (video, query, start_s, end_s) tuples, the
+    window limiting where the model looks. Either way a pair is identified by (video, query):
+    that is what resume skips, and the first window given for a pair is the one used.
     `workers` threads decode ahead (PyAV and decord release the GIL while decoding); at most
     `workers + 2` decoded clips wait for the model, so memory does not grow with the batch.
     """
@@ -83,23 +99,28 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     check_frames(frames)
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
-    items = collect_items(Path(source), query)
+    if items is None:
+        items = collect_items(Path(source), query)
+    items = _normalize_items(items)
     if out_path.exists() and not resume:
         raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
     writer = JsonlWriter(out_path)
     done = writer.keys()
-    todo = [it for it in dict.fromkeys(items) if it not in done]
-    skipped = len(items) - len(todo)
+    unique = {}
+    for it in items:
+        unique.setdefault(it[:2], it)
+    todo = [it for key, it in unique.items() if key not in done]
+    skipped = len(items) - len(todo)  # duplicates of a pair count as already done
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
     n_ok = n_failed = 0
 
     def prep(item):
         try:
-            return prepare(loaded, item[0], item[1], frames), None
+            return prepare(loaded, item[0], item[1], frames, item[2], item[3]), None
         except Exception as e:  # one bad file must not stop ten thousand others
             return None, e
 
-    bar = tqdm(total=len(todo), desc="batch", unit="clip", file=sys.stderr, disable=not progress,
+    bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     with writer, ThreadPoolExecutor(max_workers=workers) as pool:
         window: deque = deque()

@@ -227,3 +227,70 @@ def train(config_path: Path, resume: bool) -> None:
 
     final = run(TrainConfig.from_toml(config_path), resume=resume)
     click.echo(f"model written to {final}")
+
+
+def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
+    rows = [(k, f"{m[k]:.4f}  ({100 * m[k]:.1f})") for k in ("m_tIoU", "m_vIoU", "vIoU@0.3", "vIoU@0.5")]
+    rows.append(("n", f"{m['n']}  ({m['n_failed']} failed)"))
+    rows.append(("protocol", protocol))
+    for name, g in (groups or {}).items():  # VidSTG: declarative / interrogative, as its tables split them
+        rows.append((name, "  ".join(f"{k} {g[k]:.4f}" for k in ("m_tIoU", "m_vIoU", "vIoU@0.3", "vIoU@0.5"))
+                     + f"  n {g['n']}"))
+    return "\n".join(f"{k:<13} {v}" for k, v in rows)
+
+
+@cli.command(name="eval")
+@click.option("--annotations", "annotations", type=click.Path(path_type=Path), default=None,
+              help="Ground-truth file (HC-STVG/VidSTG JSON, or a `stg synth` manifest.jsonl).")
+@click.option("--format", "fmt", default=None, metavar="hcstvg|vidstg|stg", help="Format of --annotations.")
+@click.option("--videos", type=click.Path(path_type=Path), default=None,
+              help="Folder with the annotated videos (searched recursively, matched by file name).")
+@click.option("--predictions", type=click.Path(path_type=Path), default=None,
+              help="Score this stg.grounding/v1 JSONL instead of running a model.")
+@click.option("--model", "model_name", default=None, metavar="NAME|PATH", help="Model name or directory.")
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Predictions JSONL (resumable; default: ANNOTATIONS-stem.preds.jsonl here).")
+@click.option("--protocol", default="stg", show_default=True, metavar="stg|tubedetr",
+              help="stg: every frame, inclusive spans. tubedetr: frames sampled at 5 fps, as published tables.")
+@click.option("--per-sample", "per_sample", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write one CSV row per sample (video, query, tIoU, vIoU, spans).")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write a PNG: vIoU histogram and tIoU-vs-vIoU scatter (needs matplotlib).")
+@click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
+@click.option("--json", "as_json", is_flag=True, help="Print only the metrics as one JSON object.")
+def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol, per_sample, plot_path, frames,
+          device, quant, as_json) -> None:
+    """Score a model on annotated videos: m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5."""
+    import json
+
+    from .annotations import FORMATS
+    from .evaluate import PROTOCOLS, check_plot_available, evaluate, plot, write_per_sample_csv
+    from .pipeline import check_frames
+
+    if annotations is None:
+        raise UserError("--annotations FILE is required (the ground truth to score against)")
+    if fmt is None:
+        raise UserError(f"--format is required: one of {', '.join(FORMATS)}")
+    if fmt not in FORMATS:
+        raise UserError(f"--format {fmt}: unknown annotation format; use one of {', '.join(FORMATS)}")
+    if protocol not in PROTOCOLS:
+        raise UserError(f"--protocol {protocol}: unknown; use one of {', '.join(PROTOCOLS)}")
+    check_frames(frames)
+    if plot_path is not None:
+        check_plot_available()
+    report = evaluate(annotations, fmt, videos=videos, predictions=predictions, model=model_name, out=out_path,
+                      protocol=protocol, frames=frames, device=device, quant=quant)
+    _echo_warnings(report.warnings)
+    if per_sample is not None:
+        write_per_sample_csv(per_sample, report.scores)
+    if plot_path is not None:
+        plot(plot_path, report.scores)
+    if as_json:
+        click.echo(json.dumps(report.metrics))
+    else:
+        click.echo(_metrics_text(report.metrics, protocol, report.by_qtype))
+        for label, p in (("predictions", report.predictions), ("per-sample", per_sample), ("plot", plot_path)):
+            if p is not None:
+                click.echo(f"{label:<13} {p}")

@@ -9,6 +9,10 @@ Exactly shared/specs/spacevllm.md, "Metrics":
 - a sample with no parsable prediction scores 0.
 
 All values are fractions in [0, 1] (tables print them x100).
+
+Published tables were computed with TubeDETR's evaluator, which only looks at frames sampled
+at 5 fps and writes spans end-exclusive; `tubedetr_frames` gives those frames, and
+`score_sample(..., viou_frames=...)` counts vIoU over them only (see README, `stg eval`).
 """
 from __future__ import annotations
 
@@ -16,7 +20,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["box_iou", "score_sample", "span_frames", "summarize", "tiou", "viou"]
+__all__ = ["box_iou", "pred_span", "score_sample", "span_frames", "summarize", "tiou", "tubedetr_frames",
+           "viou"]
+
+TUBEDETR_FPS = 5.0
+TUBEDETR_MAX_FRAMES = 200
 
 Box = Sequence[float]
 
@@ -118,10 +126,63 @@ def _is_box(b: Any) -> bool:
         return False
 
 
+def tubedetr_frames(start: int, stop: int, fps: float | None, rate_fps: float = TUBEDETR_FPS,
+                    max_frames: int = TUBEDETR_MAX_FRAMES) -> list[int]:
+    """Frames TubeDETR's evaluator looks at in the end-exclusive range [start, stop).
+
+    Its rule: keep `start`, then each frame f whose int(f * rate_fps / fps) exceeds that of
+    the last kept frame (about `rate_fps` frames per second of video); when more than
+    `max_frames` remain, keep `max_frames` of them evenly spread. A video at or below
+    `rate_fps` keeps every frame. Why: published m_vIoU numbers count only these frames.
+    """
+    start, stop = int(start), int(stop)
+    if stop <= start:
+        return []
+    if fps is None or not np.isfinite(float(fps)) or float(fps) <= rate_fps:
+        kept = list(range(start, stop))
+    else:
+        rate = rate_fps / float(fps)
+        kept = [start]
+        for f in range(start + 1, stop):
+            if int(kept[-1] * rate) < int(f * rate):
+                kept.append(f)
+    if len(kept) > max_frames:
+        kept = [kept[(j * len(kept)) // max_frames] for j in range(max_frames)]
+    return kept
+
+
+def pred_span(pred: Mapping[str, Any] | Any | None) -> tuple[int, int] | None:
+    """The inclusive (start_frame, end_frame) of a prediction, or None when it has none.
+
+    None for a missing prediction, an error line, `span: null` or a span too broken to read.
+    """
+    if pred is not None and hasattr(pred, "to_dict"):
+        pred = pred.to_dict()
+    if not isinstance(pred, Mapping) or pred.get("error") or pred.get("span") is None:
+        return None
+    try:
+        s, e = int(pred["span"]["start_frame"]), int(pred["span"]["end_frame"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+    return (s, e) if e >= s else None
+
+
+def _restrict(frames: set[int] | range, keep: Any) -> set[int] | range:
+    if keep is None:
+        return frames
+    if isinstance(frames, range) and isinstance(keep, range) and keep.step == 1:
+        return range(max(frames.start, keep.start), max(min(frames.stop, keep.stop), max(frames.start, keep.start)))
+    k = keep if isinstance(keep, (set, frozenset, range)) else set(int(f) for f in keep)
+    return {f for f in frames if f in k}
+
+
 def score_sample(
     pred: Mapping[str, Any] | Any | None,
     gt_span_frames: Any,
     gt_boxes: Mapping[int, Box],
+    *,
+    frame_range: Any = None,
+    viou_frames: Any = None,
 ) -> tuple[float, float]:
     """(tIoU, vIoU) of one `stg.grounding/v1` prediction against ground truth.
 
@@ -131,14 +192,18 @@ def score_sample(
     malformed box counts as IoU 0). `gt_span_frames` is an inclusive (start, end) tuple or a
     frame set/range (None: the frames of `gt_boxes`); `gt_boxes` maps frame -> xyxy in the same
     pixel space as the prediction (original video frame).
+
+    `frame_range` (a range or frame set) limits P and G to the frames being evaluated, e.g.
+    VidSTG's used segment. `viou_frames` counts vIoU only over those frames (TubeDETR's 5 fps
+    frames, see `tubedetr_frames`) while tIoU stays over all frames, as TubeDETR does.
     """
-    if pred is not None and hasattr(pred, "to_dict"):
-        pred = pred.to_dict()
-    if not isinstance(pred, Mapping) or pred.get("error") or pred.get("span") is None:
+    span = pred_span(pred)
+    if span is None:
         return 0.0, 0.0
+    if hasattr(pred, "to_dict"):
+        pred = pred.to_dict()
     try:
-        span = pred["span"]
-        p = span_frames(int(span["start_frame"]), int(span["end_frame"]))
+        p = span_frames(*span)
         boxes: dict[int, Box] = {}
         for entry in pred.get("track") or []:
             f = int(entry["frame"])
@@ -146,10 +211,15 @@ def score_sample(
                 boxes[f] = entry["xyxy"]
     except (KeyError, TypeError, ValueError, AttributeError):
         return 0.0, 0.0
+    g = _gt_frames(gt_span_frames, gt_boxes)
+    p = _restrict(p, frame_range)
+    g = _restrict(g, frame_range)
     if not len(p):
         return 0.0, 0.0
-    g = _gt_frames(gt_span_frames, gt_boxes)
-    return tiou(p, g), viou(boxes, gt_boxes, pred_frames=p, gt_frames=g)
+    t = tiou(p, g)
+    if viou_frames is not None:
+        p, g = _restrict(p, viou_frames), _restrict(g, viou_frames)
+    return t, viou(boxes, gt_boxes, pred_frames=p, gt_frames=g)
 
 
 def summarize(samples: Iterable[tuple[float, float]]) -> dict[str, float | int]:

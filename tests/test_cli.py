@@ -39,7 +39,7 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
 def test_help_and_version(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0
-    for cmd in ("ground", "batch", "render", "synth", "train"):
+    for cmd in ("ground", "batch", "eval", "render", "synth", "train"):
         assert cmd in out
     code, out, _ = run(capsys, "--version")
     assert code == 0 and "stg" in out
