@@ -294,8 +294,13 @@ def convert_llava_next(src: str | os.PathLike, out: str | os.PathLike, *, max_sh
     from .models.spacevllm.processing_spacevllm import ProcessorSettings
 
     src, out = Path(src).expanduser(), Path(out).expanduser()
-    files = _source_files(src)
+    if not src.is_dir():
+        raise UserError(f"--from {src}: no such directory (a LLaVA-Video-7B-Qwen2 checkpoint: config.json, "
+                        "model-*.safetensors, tokenizer files)")
+    if not (src / "config.json").is_file():
+        raise ModelError(f"{src}: no config.json; not a LLaVA-NeXT checkpoint")
     llava = _read_llava_config(src)
+    files = _source_files(src)
     if out.exists() and any(out.iterdir()) and not force:
         raise UserError(f"{out}: already exists and is not empty; pass --force to replace it")
     shapes = _shapes(files)

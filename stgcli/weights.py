@@ -309,17 +309,41 @@ def fetch(name: str, registry_file: str | os.PathLike | None = None, etag_timeou
         raise ModelError(f"model '{name}' is not fetched from the Hub; it lives at {d}")
     repo, _ = entry.hf_repo()
     rev = entry.pinned_revision()
-    try:
-        from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
 
-        path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=FETCH_PATTERNS, etag_timeout=etag_timeout)
+    hub_logging.set_verbosity_error()  # its retry chatter would bury the one line that matters
+    try:
+        if constants.HF_HUB_OFFLINE:
+            path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=FETCH_PATTERNS, local_files_only=True)
+        else:
+            # One quick request first: without network, snapshot_download retries for ~30 s.
+            model_info(repo, revision=rev, timeout=etag_timeout)
+            path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=FETCH_PATTERNS,
+                                     etag_timeout=etag_timeout)
     except Exception as e:  # noqa: BLE001 - any hub/network failure becomes the same actionable line
-        reason = " ".join(str(e).split())[:160] or type(e).__name__
-        raise ModelError(f"cannot download {repo} at revision {rev} ({type(e).__name__}: {reason}); "
+        raise ModelError(f"cannot download {repo} at revision {rev} ({_why(e, constants)}); "
                          + manual_copy_recipe(repo, rev)) from None
     path = Path(path)
     verify(entry, path)
     return path
+
+
+def _why(e: BaseException, constants) -> str:
+    """A short reason for a failed download."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the files are not in the Hugging Face cache"
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names = " ".join(type(c).__name__ for c in chain)
+    if any(k in names for k in ("Connect", "Timeout", "NameResolution")) or any(
+            isinstance(c, (ConnectionError, TimeoutError)) for c in chain):
+        return f"no connection to {constants.ENDPOINT}"
+    if "NotFound" in names:
+        return "repository or revision not found on the Hub"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
 
 
 def init_model(name: str, src: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
