@@ -68,7 +68,7 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
 
 def run_batch(source: Path, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True) -> tuple[int, int, int]:
+              progress: bool = True, allow_pickle: bool = False) -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done)."""
     from tqdm import tqdm
 
@@ -84,7 +84,8 @@ def run_batch(source: Path, out_path: Path, query: str | None = None, model=None
     done = writer.keys()
     todo = [it for it in dict.fromkeys(items) if it not in done]
     skipped = len(items) - len(todo)
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
+                                                                     allow_pickle=allow_pickle, frames=frames)
     n_ok = n_failed = 0
 
     def prep(item):

@@ -92,14 +92,17 @@ def _summary(res) -> str:
 @click.option("--end", "end_s", type=float, default=None, help="Only look up to this second.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
-              help="Quantize the language model (CUDA only; default: the model's).")
+              help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
+                   "default: the model's, 4bit for spacevllm-7b).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the stg.grounding/v1 JSON here (atomically).")
 @click.option("--render", "render_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an annotated H.264 MP4 (all overlays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
+@click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint; it can run code. Trusted "
+              "sources only.")
 def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, render_path,
-           as_json) -> None:
+           as_json, allow_pickle) -> None:
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_frames, check_query, check_video_path, ground as run
     from .result import write_json_atomic
@@ -111,7 +114,7 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
-              quant=quant)
+              quant=quant, allow_pickle=allow_pickle)
     _echo_warnings(res.warnings)
     if out_path is not None:
         write_json_atomic(out_path, res)
@@ -139,12 +142,13 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 @click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
-def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, resume) -> None:
+@click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
+def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, resume, allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
 
     n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
-                                          device=device, quant=quant, resume=resume)
+                                          device=device, quant=quant, resume=resume, allow_pickle=allow_pickle)
     click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
     if n_failed:
         sys.exit(1)

@@ -361,10 +361,14 @@ def test_fetch_of_a_built_model_says_how_to_build_it(capsys):
     assert_one_line_error(code, err, "stg weights init spacevllm-7b --from DIR")
 
 
-def test_pickle_only_directory_is_refused_unless_allowed(tmp_path):
+def test_pickle_only_directory_is_refused_unless_allowed(capsys, tmp_path):
     from stgcli.weights import _check_safetensors
 
     (tmp_path / "pytorch_model.bin").write_bytes(b"x")
+    (tmp_path / "config.json").write_text("{}")
+    code, out, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle",
+                         "--model", str(tmp_path), "--device", "cpu")
+    assert_one_line_error(code, err, "pickle", "--allow-pickle")
     with pytest.raises(ModelError, match="--allow-pickle"):
         _check_safetensors(tmp_path, allow_pickle=False)
     assert _check_safetensors(tmp_path, allow_pickle=True) is False
