@@ -406,3 +406,79 @@ def test_oom_becomes_a_one_line_error_with_advice(capsys, monkeypatch):
     with pytest.raises(ValueError):
         with cuda_oom_guard(cfg, "4bit", 64, "cuda:0"):
             raise ValueError("not memory")
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit", "none"])
+def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
+    """No GPU here: check what load_model asks transformers for on CUDA (quantization, dtype, one
+    device, sdpa) and that an OOM while loading becomes the one-line advice."""
+    import stgcli.weights as w
+    from stgcli.models.spacevllm import SpaceVLLMForConditionalGeneration
+
+    calls = {}
+
+    class Fake:
+        config = None
+
+        def to(self, device):
+            calls["to"] = device
+            return self
+
+        def eval(self):
+            return self
+
+    def fake_from_pretrained(path, **kwargs):
+        calls.update(kwargs)
+        return Fake()
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(fake_from_pretrained))
+    loaded = w.load_model(device="cuda:0", quant=quant)
+    assert calls["dtype"] == torch.bfloat16 and calls["use_safetensors"] is True
+    assert calls["attn_implementation"] in ("sdpa", "flash_attention_2")
+    assert loaded.quantization == quant and loaded.device == "cuda:0" and loaded.dtype == "bfloat16"
+    if quant == "none":
+        assert "quantization_config" not in calls and calls["to"] == "cuda:0"
+        return
+    q = calls["quantization_config"]
+    assert calls["device_map"] == {"": "cuda:0"}  # one GPU, nothing offloaded
+    skip = set(q.llm_int8_skip_modules)
+    assert {"model.vision_tower", "model.multi_modal_projector", "space_decoder", "lm_head"} <= skip
+    if quant == "4bit":
+        assert q.load_in_4bit and q.bnb_4bit_quant_type == "nf4" and q.bnb_4bit_use_double_quant
+        assert q.bnb_4bit_compute_dtype == torch.bfloat16
+    else:
+        assert q.load_in_8bit
+
+    def oom(path, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(oom))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (1 * 1024**3, 8 * 1024**3))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(ModelError, match=f"--quant {quant} with 16 frames needs about"):
+        w.load_model(device="cuda:0", quant=quant)
+
+
+def test_oom_during_grounding_is_one_line_too(monkeypatch):
+    """The forward pass (not only the load) maps a CUDA OOM to the advice, with the clip's frames."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
+    from stgcli.pipeline import run_model
+    from stgcli.weights import LoadedModel
+
+    def ground(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    model = SimpleNamespace(config=spacevllm_7b_config(), dtype=torch.float32, ground=ground)
+    loaded = LoadedModel(model=model, processor=None, name="spacevllm-7b", sha256=None, device="cpu",
+                         dtype="float32", quantization="8bit", default_frames=64)
+    prep = {"ids": [1, 2, 3], "text_mask": [True, False, False], "pixels": np.zeros((48, 3, 4, 4), np.float32),
+            "sampled": SimpleNamespace(indices=list(range(48)))}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (9 * 1024**3, 80 * 1024**3))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    with pytest.raises(ModelError, match=r"--quant 8bit with 48 frames needs about .*9.0 GiB of 80.0 GiB is free"):
+        run_model(loaded, prep)
