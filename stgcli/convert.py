@@ -387,6 +387,7 @@ def convert_llava_next(src: str | os.PathLike, out: str | os.PathLike, *, max_sh
 
 
 def _model_card(src: Path, config, seed: int, ids: dict, new_ids: list[int], rows0: int, rows: int) -> str:
+    grown = f"rows grown from {rows0} to {rows}" if rows > rows0 else "inside the checkpoint's padded rows"
     return f"""# spacevllm-7b (converted, NOT fine-tuned)
 
 Built by `stg weights init` from the LLaVA-Video-7B-Qwen2 checkpoint at `{src}`.
@@ -394,7 +395,7 @@ Built by `stg weights init` from the LLaVA-Video-7B-Qwen2 checkpoint at `{src}`.
 - Copied unchanged: SigLIP vision tower ({config.vision_config.num_hidden_layers} layers), 2-layer projector,
   image_newline, Qwen2 language model ({config.text_config.num_hidden_layers} layers), lm_head.
 - Added tokens: {", ".join(f"{t} = {i}" for t, i in ids.items())}. Their embedding and lm_head rows are the mean
-  of the original vocabulary's rows ({"rows grown from %d to %d" % (rows0, rows) if rows > rows0 else "inside the checkpoint's padded rows"}).
+  of the original vocabulary's rows ({grown}).
 - Space decoder: freshly initialised (model's own init, seed {seed}). **Untrained.**
 
 What it can do now: nothing useful for grounding. The query tokens and the space decoder have

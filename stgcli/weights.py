@@ -369,6 +369,7 @@ def init_model(name: str, src: str | os.PathLike | None = None, out: str | os.Pa
             where = f"`stg weights fetch {base.name}`" if base else "a download"
             raise UserError(f"stg weights init {name}: pass --from DIR (a LLaVA-Video-7B-Qwen2 checkpoint), "
                             f"or get it first with {where}")
+        verify(base, d)  # the fetched base against the Hub's digests before building on it
         src = d
     out_dir = Path(out).expanduser() if out else entry.local_dir()
     if out_dir is None:
@@ -415,18 +416,21 @@ def estimate_memory_gib(config, quant: str, frames: int) -> float:
 
 
 def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float) -> str:
+    """The one-line OOM error: estimated need, what is free, and the mildest change that should fit
+    (same quantization with fewer frames first, then a lower precision; never the setting that failed)."""
     need = estimate_memory_gib(config, quant, frames)
+    rank = {"none": 0, "8bit": 1, "4bit": 2}
     fits = []
     for q in ("none", "8bit", "4bit"):
         for f in sorted({frames, 64, 48, 32, 16, 8}, reverse=True):
-            if f <= frames and estimate_memory_gib(config, q, f) <= free_gib * 0.9:
-                fits.append((q != quant, frames - f, q, f))
+            if f <= frames and (q, f) != (quant, frames) and estimate_memory_gib(config, q, f) <= free_gib * 0.9:
+                fits.append((q != quant, frames - f, rank[q], q, f))
                 break
-    advice = ""
     if fits:
-        _, _, q, f = min(fits)
-        opts = " ".join(o for o in ((f"--quant {q}" if q != quant else ""), (f"--frames {f}" if f != frames else "")) if o)
-        advice = f"; try {opts}" if opts else ""
+        *_, q, f = min(fits)
+        opts = " ".join(o for o in (f"--quant {q}" if q != quant else "",
+                                    f"--frames {f}" if f != frames else "") if o)
+        advice = f"; try {opts}"
     else:
         advice = "; even --quant 4bit --frames 8 does not fit: free the GPU or use a larger one"
     return (f"out of GPU memory: --quant {quant} with {frames} frames needs about {need:.1f} GiB, "
