@@ -51,13 +51,14 @@ _LLM_PREFIXES = ("model.embed_tokens.", "model.layers.", "model.norm.")
 def map_key(key: str) -> str | None:
     """LLaVA-NeXT weight name -> this project's (transformers v5 LlavaOnevision) name; None drops it.
 
-    Dropped: SigLIP's pooling head (LLaVA-NeXT replaces it by Identity and never uses it).
+    Dropped: SigLIP's pooling head (LLaVA-NeXT replaces it by Identity and never uses it) and
+    `position_ids` buffers, which some older checkpoints saved and the model recomputes.
     Anything unknown is an error: silently skipping a tensor would give a model that loads with
     freshly initialised weights in its place.
     """
     if key.startswith(_VISION):
         rest = key[len(_VISION):]
-        return None if rest.startswith("head.") else "model.vision_tower." + rest
+        return None if rest.startswith("head.") or rest.endswith("position_ids") else "model.vision_tower." + rest
     m = re.fullmatch(r"model\.mm_projector\.(0|2)\.(weight|bias)", key)
     if m:
         return f"model.multi_modal_projector.linear_{1 if m.group(1) == '0' else 2}.{m.group(2)}"

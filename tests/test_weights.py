@@ -102,6 +102,7 @@ def test_every_source_tensor_lands_where_it_should(source, converted):
     assert (map_key("model.vision_tower.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight")
             == "model.vision_tower.encoder.layers.0.mlp.fc1.weight")
     assert map_key("model.vision_tower.vision_tower.vision_model.head.probe") is None
+    assert map_key("model.vision_tower.vision_tower.vision_model.embeddings.position_ids") is None
     # the only tensors not copied are the new space decoder's, initialised the model's way
     new = sorted(set(sd) - {map_key(k) for k in tensors})
     assert new and all(k.startswith("space_decoder.") for k in new)
@@ -482,3 +483,23 @@ def test_oom_during_grounding_is_one_line_too(monkeypatch):
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     with pytest.raises(ModelError, match=r"--quant 8bit with 48 frames needs about .*9.0 GiB of 80.0 GiB is free"):
         run_model(loaded, prep)
+
+
+def test_cli_init_then_ground_end_to_end(capsys, source, tmp_path):
+    """`stg weights init` with its defaults (7B decoder sizes), then `stg ground` on the result:
+    an untrained model still gives a valid stg.grounding/v1 document through the user path."""
+    from stgcli.result import validate
+
+    src, _ = source
+    out = tmp_path / "built"
+    code, stdout, err = run(capsys, "weights", "init", "spacevllm-7b", "--from", str(src), "--out", str(out),
+                            "--shard-size", "100KB")
+    assert code == 0, err
+    assert "untrained" in stdout and len(list(out.glob("model-*.safetensors"))) >= 2
+    assert json.loads((out / "config.json").read_text())["decoder_hidden_size"] == 512
+    code, stdout, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle",
+                            "--model", str(out), "--device", "cpu", "--frames", "4", "--json")
+    assert code == 0, err
+    doc = json.loads(stdout)
+    validate(doc)
+    assert doc["model"]["sha256"] == sha256_file(out / MANIFEST) and doc["sampling"]["num_frames"] == 4
