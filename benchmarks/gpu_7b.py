@@ -166,7 +166,7 @@ def _quantize_llm(language_model, quant: str, device: str) -> None:
                                         compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
                                         device="meta")
                 new.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4",
-                                               compress_statistics=True).to(device)
+                                               compress_statistics=True, module=new).to(device)
             else:
                 new = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=child.bias is not None,
                                           has_fp16_weights=False, threshold=6.0, device="meta")
