@@ -79,7 +79,8 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]
 
 def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True, workers: int = 2, *, items=None,
+              progress: bool = True, workers: int = 2, allow_pickle: bool = False, *,
+              items=None,
               desc: str = "batch") -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done).
 
@@ -111,7 +112,8 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
         unique.setdefault(it[:2], it)
     todo = [it for key, it in unique.items() if key not in done]
     skipped = len(items) - len(todo)  # duplicates of a pair count as already done
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
+                                                                     allow_pickle=allow_pickle, frames=frames)
     n_ok = n_failed = 0
 
     def prep(item):

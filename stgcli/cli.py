@@ -92,14 +92,17 @@ def _summary(res) -> str:
 @click.option("--end", "end_s", type=float, default=None, help="Only look up to this second.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
 @click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
-              help="Quantize the language model (CUDA only; default: the model's).")
+              help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
+                   "default: the model's, 4bit for spacevllm-7b).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the stg.grounding/v1 JSON here (atomically).")
 @click.option("--render", "render_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an annotated H.264 MP4 (all overlays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
+@click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint; it can run code. Trusted "
+              "sources only.")
 def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, render_path,
-           as_json) -> None:
+           as_json, allow_pickle) -> None:
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_frames, check_query, check_video_path, ground as run
     from .result import write_json_atomic
@@ -111,7 +114,7 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
-              quant=quant)
+              quant=quant, allow_pickle=allow_pickle)
     _echo_warnings(res.warnings)
     if out_path is not None:
         write_json_atomic(out_path, res)
@@ -141,12 +144,15 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
               help="Threads decoding clips ahead of the model.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
-def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, workers, resume) -> None:
+@click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
+def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, workers, resume,
+          allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
 
     n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
-                                          device=device, quant=quant, resume=resume, workers=workers)
+                                          device=device, quant=quant, resume=resume, workers=workers,
+                                          allow_pickle=allow_pickle)
     click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
     if n_failed:
         sys.exit(1)
@@ -294,3 +300,99 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol,
         for label, p in (("predictions", report.predictions), ("per-sample", per_sample), ("plot", plot_path)):
             if p is not None:
                 click.echo(f"{label:<13} {p}")
+
+
+# -- stg weights -------------------------------------------------------------------------------------
+@cli.group()
+@click.option("--registry", "registry_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="A weights.toml that extends the packaged registry (also: STG_WEIGHTS).")
+@click.pass_context
+def weights(ctx: click.Context, registry_file: Path | None) -> None:
+    """The model registry: list, verify, locate, download and build models."""
+    ctx.obj = {"registry": registry_file}
+
+
+@weights.command("list")
+@click.option("--verify", "check", is_flag=True, help="Hash every file (slow for large models).")
+@click.pass_context
+def weights_list(ctx: click.Context, check: bool) -> None:
+    """Every registered model: name, size, where it lives, present / verified."""
+    from .weights import list_models
+
+    rows = [("NAME", "SIZE", "STATUS", "WHERE")]
+    notes = []
+    for st in list_models(ctx.obj["registry"], check=check):
+        size = st.disk_size if st.state in ("present", "verified", "mismatch") else (st.entry.size or "?")
+        rows.append((st.entry.name, size, st.state, st.entry.where()))
+        notes.append(f"  {st.entry.name}: {st.entry.description}" + (f" [{st.detail}]" if st.detail else ""))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r[:3], widths)) + "  " + r[3])
+    click.echo("")
+    for n in notes:
+        click.echo(n)
+
+
+@weights.command("verify")
+@click.argument("name")
+@click.pass_context
+def weights_verify(ctx: click.Context, name: str) -> None:
+    """Check every file of NAME against its sha256 (exit 2 on a mismatch, both digests printed)."""
+    from .weights import verify_model
+
+    directory, origin, n = verify_model(name, ctx.obj["registry"])
+    click.echo(f"{name}: {n} files verified against {origin} ({directory})")
+
+
+@weights.command("path")
+@click.argument("name")
+@click.pass_context
+def weights_path(ctx: click.Context, name: str) -> None:
+    """Print the directory holding NAME's files."""
+    from .weights import model_path
+
+    click.echo(str(model_path(name, ctx.obj["registry"])))
+
+
+@weights.command("fetch")
+@click.argument("name")
+@click.pass_context
+def weights_fetch(ctx: click.Context, name: str) -> None:
+    """Download NAME from the Hugging Face Hub at its pinned revision (into the HF cache)."""
+    from .weights import fetch
+
+    path = fetch(name, ctx.obj["registry"])
+    click.echo(f"{name}: downloaded and verified -> {path}")
+
+
+@weights.command("init")
+@click.argument("name")
+@click.option("--from", "src", type=click.Path(path_type=Path), default=None,
+              help="A LLaVA-Video-7B-Qwen2 checkpoint directory (default: the fetched base model).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where to write the model (default: its registry location, under STG_HOME).")
+@click.option("--shard-size", default="2GB", show_default=True, help="Largest output shard, e.g. 2GB, 500MB.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the new space decoder.")
+@click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.pass_context
+def weights_init(ctx: click.Context, name: str, src, out_dir, shard_size: str, seed: int, force: bool) -> None:
+    """Build NAME (spacevllm-7b) from its base checkpoint: copy, add query tokens, new space decoder."""
+    from .weights import init_model
+
+    out = init_model(name, src=src, out=out_dir, registry_file=ctx.obj["registry"],
+                     max_shard_bytes=_parse_size(shard_size), seed=seed, force=force,
+                     progress=lambda shard: click.echo(f"stg: converted {shard}", err=True))
+    click.echo(f"{name}: written to {out} (queries and space decoder untrained: fine-tune before use)")
+
+
+def _parse_size(text: str) -> int:
+    import re
+
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B?|B)?\s*", text, re.IGNORECASE)
+    if not m:
+        raise UserError(f"--shard-size {text}: expected a size like 2GB or 500MB")
+    unit = (m.group(2) or "B").upper().rstrip("B").rstrip("I")
+    n = int(float(m.group(1)) * {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}[unit])
+    if n < 1:
+        raise UserError(f"--shard-size {text}: must be positive")
+    return n

@@ -90,9 +90,12 @@ def run_model(loaded, prep: dict):
     """Model half: one forward + a short greedy answer. Returns answer text, boxes, scores, seconds."""
     import torch
 
+    from .weights import cuda_oom_guard
+
     dev = loaded.device
     t0 = time.perf_counter()
-    with torch.inference_mode():
+    n_frames = len(prep["sampled"].indices)
+    with cuda_oom_guard(loaded.model.config, loaded.quantization, n_frames, dev), torch.inference_mode():
         ids = torch.tensor([prep["ids"]], device=dev)
         pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
         tmask = torch.tensor([prep["text_mask"]], device=dev)
@@ -139,7 +142,7 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
 
 def ground(video: str | os.PathLike, query: str, model=None, frames: int | None = None,
            start_s: float | None = None, end_s: float | None = None, device: str = "auto",
-           quant: str | None = None) -> GroundingResult:
+           quant: str | None = None, allow_pickle: bool = False) -> GroundingResult:
     """Ground `query` in `video`: when the described object is visible and its box on every frame.
 
     `model` is a `load_model()` result, a registry name or a model directory (default: the
@@ -151,7 +154,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     query = check_query(query)
     check_frames(frames)
     check_video_path(video)  # cheap mistakes first, before a model load
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
+                                                                     allow_pickle=allow_pickle, frames=frames)
     prep = prepare(loaded, video, query, frames, start_s, end_s)
     return ground_prepared(loaded, prep, video, t0)
 

@@ -1,42 +1,111 @@
-"""Model registry (weights.toml) and `load_model`.
+"""Model registry (weights.toml), `stg weights` logic and `load_model`.
 
 Like openai-whisper's `_MODELS` + `load_model`: a name resolves to a directory whose files are
-checked against the sha256 digests in the registry before anything is loaded. Weights load from
-safetensors only and never with `trust_remote_code`; a pickle checkpoint is refused unless the
-caller passes `allow_pickle=True`.
+checked against sha256 digests before anything is loaded. Weights load from safetensors only and
+never with `trust_remote_code`; a pickle checkpoint is refused unless the caller passes
+`allow_pickle=True`.
+
+Where the digests come from, by source kind:
+
+* `package:<dir>` and local paths: `files` in weights.toml (file name -> sha256).
+* `hf:<repo>@<commit>`: `files` in weights.toml when given; otherwise the Hub's own digests,
+  which huggingface_hub keeps as the blob names of its cache (sha256 for LFS files, the git
+  blob sha1 for small files). A Hugging Face source must name a 40-hex commit, never a branch.
+* `cache:<name>` (a model `stg weights init` builds, under `stg_home()`): its sha256s cannot be
+  known in advance, so init writes them to `stg-manifest.json` beside the weights and verify
+  checks against that. This catches corruption and accidental edits, not tampering by someone
+  who can also rewrite the manifest.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import tomllib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ModelError, UserError
 
 DEFAULT_MODEL = "spacevllm-tiny-shapes"
+MANIFEST = "stg-manifest.json"
 _PACKAGE = Path(__file__).resolve().parent
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+# What `stg weights fetch` downloads: weights as safetensors, configs, tokenizer. Never pickles.
+FETCH_PATTERNS = ["*.safetensors", "*.json", "*.txt", "*.model", "*.md"]
+
+
+def stg_home() -> Path:
+    """Where stg keeps models it builds: $STG_HOME, else $XDG_CACHE_HOME/stg, else ~/.cache/stg."""
+    if os.environ.get("STG_HOME"):
+        return Path(os.environ["STG_HOME"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or "~/.cache"
+    return Path(base).expanduser() / "stg"
 
 
 @dataclass
 class ModelEntry:
     name: str
     description: str = ""
-    source: str = ""                 # "package:<dir>", a local path, or "hf:<repo>@<revision>"
+    source: str = ""                 # "package:<dir>", "cache:<dir>", a local path, or "hf:<repo>@<commit>"
     files: dict = field(default_factory=dict)  # file name -> sha256
     default_frames: int = 16
     default_quant: str = "none"
     license: str = ""
     architecture: dict = field(default_factory=dict)
+    size: str = ""                   # human-readable download / disk size, for `stg weights list`
+    build: dict = field(default_factory=dict)  # {from = NAME, converter = "llava-next"}: made by `stg weights init`
+
+    @property
+    def kind(self) -> str:
+        for k in ("package", "cache", "hf"):
+            if self.source.startswith(k + ":"):
+                return k
+        return "path"
+
+    def hf_repo(self) -> tuple[str, str | None]:
+        """(repo id, revision or None) of an hf: source."""
+        spec = self.source.split(":", 1)[1]
+        repo, _, rev = spec.partition("@")
+        return repo, (rev or None)
+
+    def pinned_revision(self) -> str:
+        """The commit an hf: source is pinned to; refuse a branch name or none at all."""
+        repo, rev = self.hf_repo()
+        if not rev or not _COMMIT.fullmatch(rev):
+            raise ModelError(f"model '{self.name}': source {self.source} is not pinned to a commit; write "
+                             f"hf:{repo}@<40-hex commit> in weights.toml (a branch like 'main' can change under you)")
+        return rev
 
     def local_dir(self) -> Path | None:
-        if self.source.startswith("package:"):
+        """Where the files are (or would be) on this machine; None for an unpinned hf: source."""
+        kind = self.kind
+        if kind == "package":
             return _PACKAGE / self.source.split(":", 1)[1]
-        if self.source.startswith("hf:"):
-            return None
+        if kind == "cache":
+            return stg_home() / self.source.split(":", 1)[1]
+        if kind == "hf":
+            repo, rev = self.hf_repo()
+            if not rev or not _COMMIT.fullmatch(rev):
+                return None
+            return _hf_cache() / ("models--" + repo.replace("/", "--")) / "snapshots" / rev
         return Path(self.source).expanduser()
+
+    def where(self) -> str:
+        if self.kind == "hf":
+            repo, rev = self.hf_repo()
+            return f"hf:{repo}@{rev[:12] if rev else '(unpinned)'}"
+        d = self.local_dir()
+        return str(d) if d is not None else self.source
+
+
+def _hf_cache() -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
 def _registry_files(extra: str | os.PathLike | None = None) -> list[Path]:
@@ -53,6 +122,7 @@ def _registry_files(extra: str | os.PathLike | None = None) -> list[Path]:
 
 def registry(extra: str | os.PathLike | None = None) -> dict[str, ModelEntry]:
     entries: dict[str, ModelEntry] = {}
+    known = set(ModelEntry.__dataclass_fields__) - {"name"}
     for path in _registry_files(extra):
         try:
             data = tomllib.loads(path.read_text())
@@ -60,11 +130,24 @@ def registry(extra: str | os.PathLike | None = None) -> dict[str, ModelEntry]:
             raise UserError(f"{path}: not valid TOML ({e})") from None
         for name, d in data.get("models", {}).items():
             d = dict(d)
-            if not d.get("source", "").startswith(("package:", "hf:")) and d.get("source"):
-                src = Path(d["source"]).expanduser()
-                d["source"] = str(src if src.is_absolute() else (path.parent / src))
+            unknown = set(d) - known
+            if unknown:
+                raise UserError(f"{path}: model '{name}' has unknown keys {sorted(unknown)} "
+                                f"(known: {', '.join(sorted(known))})")
+            src = d.get("source", "")
+            if src and not src.startswith(("package:", "hf:", "cache:")):
+                p = Path(src).expanduser()
+                d["source"] = str(p if p.is_absolute() else (path.parent / p))
             entries[name] = ModelEntry(name=name, **d)
     return entries
+
+
+def get_entry(name: str, registry_file: str | os.PathLike | None = None) -> ModelEntry:
+    """The registry entry for `name`, or a one-line error listing the known names."""
+    entries = registry(registry_file)
+    if name not in entries:
+        raise ModelError(f"unknown model '{name}' (registered models: {', '.join(sorted(entries)) or 'none'})")
+    return entries[name]
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -75,16 +158,224 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def verify(entry: ModelEntry, directory: Path) -> None:
-    """Every file listed in the registry exists and has its digest; otherwise stop the load."""
-    for fname, digest in entry.files.items():
+def git_blob_sha1(path: Path, chunk: int = 1 << 20) -> str:
+    """Git's object id of a file (how the Hub names non-LFS blobs in its cache)."""
+    h = hashlib.sha1(f"blob {path.stat().st_size}\0".encode())
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_manifest(directory: Path, extra: dict | None = None) -> dict:
+    """sha256 of every file in `directory` into stg-manifest.json (what verify checks for built models)."""
+    files = {p.name: sha256_file(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != MANIFEST}
+    doc = {"format": "stg-manifest/v1", "files": files, **(extra or {})}
+    (directory / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
+    return doc
+
+
+def expected_digests(entry: ModelEntry, directory: Path) -> tuple[dict[str, str], str]:
+    """(file -> expected digest, where those digests come from). Empty when nothing pins them."""
+    if entry.files:
+        return dict(entry.files), "weights.toml"
+    if (directory / MANIFEST).is_file():
+        try:
+            return dict(json.loads((directory / MANIFEST).read_text())["files"]), MANIFEST
+        except (ValueError, KeyError) as e:
+            raise ModelError(f"{directory / MANIFEST}: unreadable manifest ({e})") from None
+    if entry.kind == "hf" and directory.is_dir():
+        out = {}
+        for p in sorted(directory.iterdir()):
+            if p.is_symlink():
+                out[p.name] = Path(os.readlink(p)).name  # blobs/<sha256 or git sha1>
+        if out:
+            return out, "the Hugging Face Hub (cache blob names)"
+    return {}, ""
+
+
+def verify(entry: ModelEntry, directory: Path) -> str:
+    """Every pinned file exists and has its digest; otherwise stop the load. Returns the digests' origin."""
+    digests, origin = expected_digests(entry, directory)
+    if not digests:
+        raise ModelError(f"model '{entry.name}': no sha256 digests to check {directory} against "
+                         f"(none in weights.toml and no {MANIFEST}); refusing to load unverified weights")
+    for fname, digest in digests.items():
         p = directory / fname
         if not p.is_file():
-            raise ModelError(f"{p}: missing file of model '{entry.name}'; run `stg weights fetch {entry.name}`")
-        got = sha256_file(p)
+            hint = (f"run `stg weights init {entry.name}`" if entry.build else f"run `stg weights fetch {entry.name}`")
+            raise ModelError(f"{p}: missing file of model '{entry.name}'; {hint}")
+        got = git_blob_sha1(p) if len(digest) == 40 else sha256_file(p)
         if got != digest:
-            raise ModelError(f"{p}: checksum mismatch for model '{entry.name}': expected sha256 {digest}, "
+            algo = "git sha1" if len(digest) == 40 else "sha256"
+            raise ModelError(f"{p}: checksum mismatch for model '{entry.name}': expected {algo} {digest}, "
                              f"got {got}; the file is corrupt or was replaced")
+    return origin
+
+
+# -- stg weights: list / verify / path / fetch / init --------------------------------------------------
+@dataclass
+class EntryStatus:
+    entry: ModelEntry
+    directory: Path | None
+    state: str          # missing | present | verified | unpinned | mismatch
+    detail: str = ""
+
+    @property
+    def disk_size(self) -> str:
+        if self.directory is None or not self.directory.is_dir():
+            return ""
+        n = sum(p.stat().st_size for p in self.directory.iterdir() if p.is_file())
+        return _human(n)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return ""
+
+
+def entry_status(entry: ModelEntry, check: bool = False) -> EntryStatus:
+    """Is the model on this machine, and (with `check`) do its files match their digests?"""
+    d = entry.local_dir()
+    if d is None:
+        return EntryStatus(entry, None, "unpinned", "revision not pinned in weights.toml")
+    if not d.is_dir() or not any(d.iterdir()):
+        return EntryStatus(entry, d, "missing")
+    digests, origin = expected_digests(entry, d)
+    if any(not (d / f).is_file() for f in digests):
+        return EntryStatus(entry, d, "missing", "incomplete")
+    if not check:
+        return EntryStatus(entry, d, "present", f"digests from {origin}" if origin else "no digests")
+    if not digests:
+        return EntryStatus(entry, d, "present", "no digests to verify against")
+    try:
+        verify(entry, d)
+    except ModelError as e:
+        return EntryStatus(entry, d, "mismatch", str(e))
+    return EntryStatus(entry, d, "verified", f"against {origin}")
+
+
+def list_models(registry_file: str | os.PathLike | None = None, check: bool = False) -> list[EntryStatus]:
+    return [entry_status(e, check) for e in registry(registry_file).values()]
+
+
+def verify_model(name: str, registry_file: str | os.PathLike | None = None) -> tuple[Path, str, int]:
+    """Hash every file of a registered model. Returns (directory, digests' origin, file count)."""
+    entry = get_entry(name, registry_file)
+    if entry.kind == "hf":
+        entry.pinned_revision()
+    d = entry.local_dir()
+    if d is None or not d.is_dir():
+        raise ModelError(f"model '{name}' is not on this machine ({entry.where()}); {_get_hint(entry)}")
+    origin = verify(entry, d)
+    return d, origin, len(expected_digests(entry, d)[0])
+
+
+def model_path(name: str, registry_file: str | os.PathLike | None = None) -> Path:
+    entry = get_entry(name, registry_file)
+    if entry.kind == "hf":
+        entry.pinned_revision()
+    d = entry.local_dir()
+    if d is None or not d.is_dir():
+        raise ModelError(f"model '{name}' is not on this machine (expected at {d}); {_get_hint(entry)}")
+    return d
+
+
+def _get_hint(entry: ModelEntry) -> str:
+    if entry.build:
+        return f"build it with `stg weights init {entry.name} --from DIR`"
+    if entry.kind == "hf":
+        return f"run `stg weights fetch {entry.name}`"
+    return "reinstall stg or fix its source in weights.toml"
+
+
+def manual_copy_recipe(repo: str, rev: str) -> str:
+    return (f"on a machine with network run `hf download {repo} --revision {rev} --local-dir DIR` "
+            f"(or `huggingface-cli download ...`), copy DIR here, then pass it as "
+            f"`stg weights init spacevllm-7b --from DIR`")
+
+
+def fetch(name: str, registry_file: str | os.PathLike | None = None, etag_timeout: float = 10.0) -> Path:
+    """Download an hf: model at its pinned commit into the Hugging Face cache (safetensors only)."""
+    entry = get_entry(name, registry_file)
+    if entry.kind != "hf":
+        d = entry.local_dir()
+        if entry.build:
+            raise ModelError(f"model '{name}' is not downloaded but built: "
+                             f"`stg weights init {name} --from DIR` (its base: {entry.build.get('from', '?')})")
+        raise ModelError(f"model '{name}' is not fetched from the Hub; it lives at {d}")
+    repo, _ = entry.hf_repo()
+    rev = entry.pinned_revision()
+    from huggingface_hub import constants, model_info, snapshot_download
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its retry chatter would bury the one line that matters
+    try:
+        if constants.HF_HUB_OFFLINE:
+            path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=FETCH_PATTERNS, local_files_only=True)
+        else:
+            # One quick request first: without network, snapshot_download retries for ~30 s.
+            model_info(repo, revision=rev, timeout=etag_timeout)
+            path = snapshot_download(repo_id=repo, revision=rev, allow_patterns=FETCH_PATTERNS,
+                                     etag_timeout=etag_timeout)
+    except Exception as e:  # noqa: BLE001 - any hub/network failure becomes the same actionable line
+        raise ModelError(f"cannot download {repo} at revision {rev} ({_why(e, constants)}); "
+                         + manual_copy_recipe(repo, rev)) from None
+    path = Path(path)
+    verify(entry, path)
+    return path
+
+
+def _why(e: BaseException, constants) -> str:
+    """A short reason for a failed download."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set and the files are not in the Hugging Face cache"
+    chain, x = [], e
+    while x is not None and len(chain) < 8:
+        chain.append(x)
+        x = x.__cause__ or x.__context__
+    names = " ".join(type(c).__name__ for c in chain)
+    if any(k in names for k in ("Connect", "Timeout", "NameResolution")) or any(
+            isinstance(c, (ConnectionError, TimeoutError)) for c in chain):
+        return f"no connection to {constants.ENDPOINT}"
+    if "NotFound" in names:
+        return "repository or revision not found on the Hub"
+    return f"{type(e).__name__}: {' '.join(str(e).split())[:120]}"
+
+
+def init_model(name: str, src: str | os.PathLike | None = None, out: str | os.PathLike | None = None,
+               registry_file: str | os.PathLike | None = None, max_shard_bytes: int | None = None,
+               seed: int = 0, force: bool = False, progress=None, overrides: dict | None = None) -> Path:
+    """Build a registered model that has a `build` recipe (spacevllm-7b from LLaVA-Video-7B-Qwen2)."""
+    from . import convert
+
+    entries = registry(registry_file)
+    entry = entries.get(name)
+    if entry is None:
+        raise ModelError(f"unknown model '{name}' (registered models: {', '.join(sorted(entries)) or 'none'})")
+    if not entry.build:
+        buildable = [n for n, e in entries.items() if e.build]
+        raise ModelError(f"model '{name}' is not built by `stg weights init` "
+                         f"(buildable: {', '.join(buildable) or 'none'})")
+    if entry.build.get("converter", "llava-next") != "llava-next":
+        raise ModelError(f"model '{name}': unknown converter '{entry.build.get('converter')}'")
+    if src is None:
+        base = entries.get(entry.build.get("from", ""))
+        d = base.local_dir() if base else None
+        if d is None or not d.is_dir():
+            where = f"`stg weights fetch {base.name}`" if base else "a download"
+            raise UserError(f"stg weights init {name}: pass --from DIR (a LLaVA-Video-7B-Qwen2 checkpoint), "
+                            f"or get it first with {where}")
+        verify(base, d)  # the fetched base against the Hub's digests before building on it
+        src = d
+    out_dir = Path(out).expanduser() if out else entry.local_dir()
+    if out_dir is None:
+        raise ModelError(f"model '{name}': its source {entry.source} is not a local directory; pass --out")
+    return convert.convert_llava_next(src, out_dir, max_shard_bytes=max_shard_bytes or convert.DEFAULT_SHARD_BYTES,
+                                      seed=seed, overrides=overrides, force=force, progress=progress)
 
 
 def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
@@ -97,6 +388,70 @@ def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
                              "convert them to safetensors, or pass --allow-pickle if you trust the source")
         return False
     raise ModelError(f"{directory}: no model weights (*.safetensors) found")
+
+
+# -- GPU memory -------------------------------------------------------------------------------------
+_BYTES_PER_PARAM = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.07}  # NF4 + double-quant scales, roughly
+
+
+def estimate_memory_gib(config, quant: str, frames: int) -> float:
+    """Rough GPU memory for grounding one clip: weights at `quant` (vision, projector, decoder,
+    embeddings and lm_head stay bf16) + KV cache + the largest transient activations. An estimate
+    for advice in error messages, not a guarantee."""
+    t, v = config.text_config, config.vision_config
+    h, inter, n_l = t.hidden_size, t.intermediate_size, t.num_hidden_layers
+    kv = t.num_key_value_heads * (h // t.num_attention_heads)
+    llm_layer = h * (h + 2 * kv) + h * h + 3 * h * inter
+    emb = 2 * t.vocab_size * h
+    vh, vi, vl = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    vision = vl * (4 * vh * vh + 2 * vh * vi) + config.text_config.hidden_size * (vh + h)
+    d = config.decoder_hidden_size
+    decoder = 3 * h * d + (config.decoder_layers + config.text_condition_layers) * 12 * d * d
+    weights = n_l * llm_layer * _BYTES_PER_PARAM[quant] + (emb + vision + decoder) * 2
+    grid = v.image_size // v.patch_size
+    tokens = frames * ((grid + 1) // 2) ** 2 + frames * 8 + 128
+    kv_cache = 2 * n_l * kv * tokens * 2
+    act = tokens * (4 * h + 2 * inter) * 2 + frames * grid * grid * (vi + 3 * vh + h) * 2
+    return (weights + kv_cache + act) / 1024**3 * 1.1 + 0.5  # + CUDA context and allocator slack
+
+
+def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float) -> str:
+    """The one-line OOM error: estimated need, what is free, and the mildest change that should fit
+    (same quantization with fewer frames first, then a lower precision; never the setting that failed)."""
+    need = estimate_memory_gib(config, quant, frames)
+    rank = {"none": 0, "8bit": 1, "4bit": 2}
+    fits = []
+    for q in ("none", "8bit", "4bit"):
+        for f in sorted({frames, 64, 48, 32, 16, 8}, reverse=True):
+            if f <= frames and (q, f) != (quant, frames) and estimate_memory_gib(config, q, f) <= free_gib * 0.9:
+                fits.append((q != quant, frames - f, rank[q], q, f))
+                break
+    if fits:
+        *_, q, f = min(fits)
+        opts = " ".join(o for o in (f"--quant {q}" if q != quant else "",
+                                    f"--frames {f}" if f != frames else "") if o)
+        advice = f"; try {opts}"
+    else:
+        advice = "; even --quant 4bit --frames 8 does not fit: free the GPU or use a larger one"
+    return (f"out of GPU memory: --quant {quant} with {frames} frames needs about {need:.1f} GiB, "
+            f"{free_gib:.1f} GiB of {total_gib:.1f} GiB is free{advice}")
+
+
+@contextmanager
+def cuda_oom_guard(config, quant: str, frames: int, device: str):
+    """Turn torch.cuda.OutOfMemoryError into a UserError that says what was needed, what is free
+    and which --quant / --frames would fit, instead of a CUDA traceback."""
+    import torch
+
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:
+        try:
+            torch.cuda.empty_cache()
+            free, total = torch.cuda.mem_get_info(torch.device(device))
+        except Exception:  # noqa: BLE001 - the advice must not mask the real error
+            free, total = 0, 0
+        raise ModelError(oom_message(config, quant, frames, free / 1024**3, total / 1024**3)) from None
 
 
 @dataclass
@@ -131,13 +486,40 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+def _attn_implementation(device: str) -> str:
+    """flash-attention 2 when installed and on CUDA, else PyTorch's sdpa."""
+    if device.startswith("cuda"):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is not None:
+            return "flash_attention_2"
+    return "sdpa"
+
+
+def quantization_config(quant: str):
+    """bitsandbytes settings: NF4 + double quant with bf16 compute (4bit) or LLM.int8 (8bit).
+    The vision tower, projector, space decoder and lm_head stay unquantized (bf16): they are small,
+    and the decoder's boxes are sensitive to quantization noise."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    skip = ["model.vision_tower", "model.multi_modal_projector", "space_decoder", "lm_head"]
+    if quant == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "auto", quant: str | None = None,
-               registry_file: str | os.PathLike | None = None, allow_pickle: bool = False) -> LoadedModel:
-    """Load a registered model by name, or a model directory by path. Default: the built-in model."""
+               registry_file: str | os.PathLike | None = None, allow_pickle: bool = False,
+               frames: int | None = None) -> LoadedModel:
+    """Load a registered model by name, or a model directory by path. Default: the built-in model.
+
+    `frames` only sharpens the advice of an out-of-memory error (default: the model's)."""
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
+    from .models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
 
     hf_logging.disable_progress_bar()  # stg's own bars and stderr lines only
     hf_logging.set_verbosity_error()
@@ -145,11 +527,13 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     entries = registry(registry_file)
     entry = entries.get(name)
     if entry is not None:
+        if entry.kind == "hf":
+            entry.pinned_revision()
         directory = entry.local_dir()
         if directory is None or not directory.is_dir():
-            raise ModelError(f"model '{name}' is not on this machine; run `stg weights fetch {name}`")
+            raise ModelError(f"model '{name}' is not on this machine; {_get_hint(entry)}")
         verify(entry, directory)
-        digest = entry.files.get("model.safetensors")
+        digest = _model_digest(directory, entry.files)
     else:
         directory = Path(name).expanduser()
         if not directory.exists():
@@ -158,38 +542,46 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         if not directory.is_dir() or not (directory / "config.json").is_file():
             raise ModelError(f"{directory}: not a model directory (needs config.json, safetensors weights, "
                              "tokenizer and processor_config.json)")
-        st = directory / "model.safetensors"
-        digest = sha256_file(st) if st.is_file() else None
+        digest = _model_digest(directory, {})
     use_st = _check_safetensors(directory, allow_pickle)
     device = resolve_device(device)
-    quant = quant or (entry.default_quant if entry else "none")
-    kwargs: dict = {"use_safetensors": use_st}
-    dtype = torch.float32
-    if quant not in ("none", "4bit", "8bit"):
+    if quant is not None and quant not in ("none", "4bit", "8bit"):
         raise UserError(f"--quant {quant}: expected none, 4bit or 8bit")
+    if quant is not None and quant != "none" and not device.startswith("cuda"):
+        raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on CPU use --quant none")
+    # A model whose default is 4-bit (the 7B) still loads on a CPU: unquantized there.
+    quant = quant or (entry.default_quant if entry and device.startswith("cuda") else "none")
+    kwargs: dict = {"use_safetensors": use_st, "attn_implementation": _attn_implementation(device)}
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if quant != "none":
-        if not device.startswith("cuda"):
-            raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on CPU use --quant none")
-        from transformers import BitsAndBytesConfig
-
-        dtype = torch.bfloat16
-        skip = ["model.vision_tower", "model.multi_modal_projector", "space_decoder", "lm_head"]
-        kwargs["quantization_config"] = (
-            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                               bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
-            if quant == "4bit" else BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip))
-        kwargs["device_map"] = {"": device}
-    elif device.startswith("cuda"):
-        dtype = torch.bfloat16
+        kwargs["quantization_config"] = quantization_config(quant)
+        kwargs["device_map"] = {"": device}  # one GPU, everything on it
     try:
-        model = SpaceVLLMForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **kwargs)
+        config = SpaceVLLMConfig.from_pretrained(str(directory))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{directory}: cannot read config.json ({e})") from e
+    n_frames = frames or (entry.default_frames if entry else int(getattr(config, "num_frames", 16)))
+    try:
+        with cuda_oom_guard(config, quant, n_frames, device):
+            model = SpaceVLLMForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **kwargs)
+            if quant == "none":
+                model.to(device)
         processor = SpaceVLLMProcessor.from_pretrained(directory)
     except (OSError, ValueError, KeyError) as e:
         raise ModelError(f"{directory}: cannot load model ({e})") from e
-    if quant == "none":
-        model.to(device)
     model.eval()
     return LoadedModel(model=model, processor=processor, name=entry.name if entry else str(directory),
                        sha256=digest, device=device, dtype=str(dtype).replace("torch.", ""),
                        quantization=quant, default_frames=entry.default_frames if entry else
                        int(getattr(model.config, "num_frames", 16)))
+
+
+def _model_digest(directory: Path, files: dict) -> str | None:
+    """What the result records as the model's sha256: the single weights file's digest, or for a
+    sharded model the digest of its stg-manifest.json (which pins every shard)."""
+    if "model.safetensors" in files:
+        return files["model.safetensors"]
+    for f in ("model.safetensors", MANIFEST):
+        if (directory / f).is_file():
+            return sha256_file(directory / f)
+    return None

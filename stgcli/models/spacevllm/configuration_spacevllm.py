@@ -75,7 +75,8 @@ def spacevllm_7b_config(vocab_size: int = 152064, image_token_index: int = 15164
     return SpaceVLLMConfig(
         vision_config=vision, text_config=text, image_token_index=image_token_index,
         video_token_index=video_token_index, query_token_index=query_token_index,
-        vision_feature_layer=-2, vision_feature_select_strategy="full", tie_word_embeddings=False,
+        # LLaVA-NeXT deletes SigLIP's 27th layer and uses the last of the remaining 26: layer -1 here.
+        vision_feature_layer=-1, vision_feature_select_strategy="full", tie_word_embeddings=False,
         decoder_hidden_size=512, decoder_layers=2, decoder_heads=8, num_frames=64, time_decimals=2,
         training_vocabulary=None,
     )
