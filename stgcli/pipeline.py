@@ -56,8 +56,9 @@ def vocabulary_warning(model_name: str, words: list[str]) -> str:
 
 
 def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = None,
-            start_s: float | None = None, end_s: float | None = None):
-    """Decode and tokenise one clip (the CPU-side half of grounding; batch runs it in workers)."""
+            start_s: float | None = None, end_s: float | None = None, threads: int = 0):
+    """Decode and tokenise one clip (the CPU-side half of grounding; batch runs it in workers,
+    each with `threads=1` decoder thread)."""
     from .video import sample_frames
 
     query = check_query(query)
@@ -65,7 +66,7 @@ def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = N
     n = frames if frames is not None else loaded.default_frames
     s = loaded.processor.settings.image_size
     t0 = time.perf_counter()
-    sampled = sample_frames(video, n, start_s=start_s, end_s=end_s, size=(s, s))
+    sampled = sample_frames(video, n, start_s=start_s, end_s=end_s, size=(s, s), threads=threads)
     pixels = loaded.processor.preprocess_frames(sampled.frames)
     ids, text_mask = loaded.processor.encode_prompt(query, sampled.times_s)
     return {"query": query, "sampled": sampled, "pixels": pixels, "ids": ids, "text_mask": text_mask,

@@ -116,13 +116,17 @@ def _check_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def _open(path: str | os.PathLike):
-    """Open a container with PyAV, mapping its errors to VideoError."""
+def _open(path: str | os.PathLike, threads: int = 0):
+    """Open a container with PyAV, mapping its errors to VideoError. `threads` > 0 caps the
+    video decoder's threads (0: FFmpeg's choice, one per core)."""
     import av
 
     p = _check_path(path)
     try:
-        return av.open(str(p), metadata_errors="ignore")
+        container = av.open(str(p), metadata_errors="ignore")
+        for stream in container.streams.video if threads > 0 else ():
+            stream.codec_context.thread_count = threads
+        return container
     except av.FFmpegError as exc:
         raise VideoError(
             f"{path}: not a readable video file ({_reason(exc)}; a truncated MP4 loses its "
@@ -450,20 +454,22 @@ def sample_indices(num_frames: int, n: int, start_frame: int = 0,
 
 def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | None = None,
                   end_s: float | None = None, size: tuple[int, int] | None = None,
-                  backend: str = "auto") -> SampledFrames:
+                  backend: str = "auto", threads: int = 0) -> SampledFrames:
     """Decode `num_frames` uniformly sampled frames from the [start_s, end_s] window.
 
     `size` = (width, height) resizes on decode so large videos never cost full-size frames.
-    `backend` "auto" picks decord where its random access is exact, else PyAV.
+    `backend` "auto" picks decord where its random access is exact, else PyAV. `threads` > 0
+    caps the decoder's threads: callers decoding several clips in parallel (stg batch) pass 1,
+    since frame threading costs CPU that parallel clips put to better use.
     """
     _check_args(path, num_frames, size, backend)
-    scan, frames = _sample_single_pass(path, num_frames, start_s, end_s, size, backend)
+    scan, frames = _sample_single_pass(path, num_frames, start_s, end_s, size, backend, threads)
     if frames is None:  # the careful way: tail verified first, then the chosen backend
         scan = _scan(path)
         lo, hi = _window(scan, start_s, end_s)
         idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
         use = scan.info.backend if backend == "auto" else backend
-        frames, used, warnings = _read(path, scan, idx, size, use, strict=backend != "auto")
+        frames, used, warnings = _read(path, scan, idx, size, use, backend != "auto", threads)
     else:
         used, warnings = "pyav", []
     idx = np.asarray(sorted(frames), np.int64)
@@ -476,7 +482,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
                          list(scan.warnings) + warnings, scan.times_s)
 
 
-def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: str):
+def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: str, threads: int = 0):
     """(provisional scan, frames) when one PyAV pass both reads the samples and proves the
     tail decodes; (None, None) when the careful path must run instead.
 
@@ -496,7 +502,7 @@ def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: st
     if hi != scan.info.num_frames - 1:
         return None, None
     idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
-    got = _read_pyav(path, scan, idx, size)
+    got = _read_pyav(path, scan, idx, size, threads)
     if len(got) != len(idx):
         return None, None
     return replace(scan, provisional=False), got
@@ -587,18 +593,18 @@ def _import_decord():
     return decord
 
 
-def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool):
+def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool, threads: int = 0):
     """Decode the sampled frames: (frames by index, backend used, warnings).
 
     With backend "auto" a decord failure falls back to PyAV; a forced backend does not.
     """
     if backend == "decord":
         try:
-            return _read_decord(path, scan, idx, size), "decord", []
+            return _read_decord(path, scan, idx, size, threads), "decord", []
         except VideoError:
             if strict:
                 raise
-    got = _read_pyav(path, scan, idx, size)
+    got = _read_pyav(path, scan, idx, size, threads)
     missing = len(idx) - len(got)
     warn = [f"{path}: {missing} of {len(idx)} sampled frames did not decode and were "
             "dropped"] if missing else []
@@ -608,20 +614,20 @@ def _read(path, scan: _Scan, idx: np.ndarray, size, backend: str, strict: bool):
 # --------------------------------------------------------------------------- PyAV reading
 
 
-def _read_pyav(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
+def _read_pyav(path, scan: _Scan, idx: np.ndarray, size, threads: int = 0) -> dict[int, np.ndarray]:
     """Seeking pass where timestamps allow it, then a sequential pass for anything missed."""
     import av
 
     wanted, got = {int(i) for i in idx}, {}
     if not scan.counted:
         try:
-            with _open(path) as container:
+            with _open(path, threads) as container:
                 _read_seeking(container, scan, wanted, got, size)
         except av.FFmpegError:
             pass  # unseekable file: the sequential pass below gets everything
     missing = wanted - set(got)
     if missing:
-        with _open(path) as container:
+        with _open(path, threads) as container:
             stream = container.streams[scan.stream_index]
             stream.thread_type = "AUTO"
             _decode_until(_indexed(container, stream, scan), max(missing), missing, got,
@@ -685,7 +691,7 @@ def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: i
 # --------------------------------------------------------------------------- decord reading
 
 
-def _read_decord(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarray]:
+def _read_decord(path, scan: _Scan, idx: np.ndarray, size, threads: int = 0) -> dict[int, np.ndarray]:
     """decord reads where its seeks are exact, else one contiguous pass from frame 0."""
     decord = _import_decord()
     if decord is None:
@@ -695,7 +701,7 @@ def _read_decord(path, scan: _Scan, idx: np.ndarray, size) -> dict[int, np.ndarr
     # fails): decode rotated videos at full size and resize here.
     w, h = size if size is not None and scan.info.rotation == 0 else (-1, -1)
     try:
-        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
+        vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h, num_threads=threads)
         if len(vr) < scan.info.num_frames:
             raise VideoError(f"{path}: decord sees only {len(vr)} of "
                              f"{scan.info.num_frames} frames; use backend 'pyav'")

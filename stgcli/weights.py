@@ -262,26 +262,26 @@ def list_models(registry_file: str | os.PathLike | None = None, check: bool = Fa
     return [entry_status(e, check) for e in registry(registry_file).values()]
 
 
-def verify_model(name: str, registry_file: str | os.PathLike | None = None) -> tuple[Path, str, int]:
-    """Hash every file of a registered model. Returns (directory, digests' origin, file count)."""
+def _present_dir(name: str, registry_file: str | os.PathLike | None) -> tuple[ModelEntry, Path]:
+    """A registered model's entry and directory, or a ModelError saying how to get it."""
     entry = get_entry(name, registry_file)
     if entry.kind == "hf":
         entry.pinned_revision()
     d = entry.local_dir()
     if d is None or not d.is_dir():
         raise ModelError(f"model '{name}' is not on this machine ({entry.where()}); {_get_hint(entry)}")
+    return entry, d
+
+
+def verify_model(name: str, registry_file: str | os.PathLike | None = None) -> tuple[Path, str, int]:
+    """Hash every file of a registered model. Returns (directory, digests' origin, file count)."""
+    entry, d = _present_dir(name, registry_file)
     origin = verify(entry, d)
     return d, origin, len(expected_digests(entry, d)[0])
 
 
 def model_path(name: str, registry_file: str | os.PathLike | None = None) -> Path:
-    entry = get_entry(name, registry_file)
-    if entry.kind == "hf":
-        entry.pinned_revision()
-    d = entry.local_dir()
-    if d is None or not d.is_dir():
-        raise ModelError(f"model '{name}' is not on this machine (expected at {d}); {_get_hint(entry)}")
-    return d
+    return _present_dir(name, registry_file)[1]
 
 
 def _get_hint(entry: ModelEntry) -> str:

@@ -92,6 +92,19 @@ def test_sampled_pixels_are_the_indexed_frames(clip, name, backend):
     assert s.info.backend == backend and s.warnings == []
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["h264.mp4", "h264_bframes.avi", "vp9.webm"])
+def test_one_decoder_thread_gives_the_same_frames(clip, name, backend):
+    """stg batch decodes with threads=1 per worker; that must change speed, never pixels."""
+    if backend == "decord" and name in DECORD_CANNOT_OPEN:
+        return
+    a = video.sample_frames(clip(name), 7, size=(64, 48), backend=backend)
+    b = video.sample_frames(clip(name), 7, size=(64, 48), backend=backend, threads=1)
+    assert b.indices.tolist() == a.indices.tolist()
+    assert np.array_equal(a.frames, b.frames)
+    assert codes(b.frames) == b.indices.tolist()
+
+
 @needs_decord
 @pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mjpeg.avi", "odd.avi"])
 def test_backends_agree(clip, name):

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 
 import tiny_llava_next as tiny
-from stgcli.cli import main
+from test_cli import run
 from stgcli.convert import NEW_TOKENS, convert_llava_next, map_key
 from stgcli.errors import ModelError
 from stgcli.weights import (MANIFEST, ModelEntry, cuda_oom_guard, estimate_memory_gib, oom_message, registry,
@@ -25,16 +25,6 @@ from stgcli.weights import (MANIFEST, ModelEntry, cuda_oom_guard, estimate_memor
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARD = 24_000  # bytes: the tiny model (~250 KB in bf16) spreads over several output shards
-
-
-def run(capsys, *args: str) -> tuple[int, str, str]:
-    code = 0
-    try:
-        main(list(args))
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else 1
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
