@@ -111,31 +111,33 @@ def _query(text: Any) -> str:
     return " ".join(str(text).split())
 
 
-def _box_ltwh(b: Any) -> Box | None:
-    """[left, top, width, height] -> xyxy; None for a missing or empty box."""
+def _four_floats(b: Any) -> tuple[float, float, float, float] | None:
+    """Four finite numbers from a list/tuple, or None for anything else."""
     if not isinstance(b, (list, tuple)) or len(b) != 4:
         return None
     try:
-        x, y, w, h = (float(v) for v in b)
+        v = tuple(float(x) for x in b)
     except (TypeError, ValueError):
         return None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+    return v if all(math.isfinite(x) for x in v) else None  # type: ignore[return-value]
+
+
+def _box_ltwh(b: Any) -> Box | None:
+    """[left, top, width, height] -> xyxy; None for a missing or empty box."""
+    v = _four_floats(b)
+    if v is None or v[2] <= 0 or v[3] <= 0:
         return None
+    x, y, w, h = v
     return (x, y, x + w, y + h)
 
 
 def _box_xyxy(b: Any) -> Box | None:
     if isinstance(b, Mapping):
         b = [b.get("xmin"), b.get("ymin"), b.get("xmax"), b.get("ymax")]
-    if not isinstance(b, (list, tuple)) or len(b) != 4:
+    v = _four_floats(b)
+    if v is None or v[2] <= v[0] or v[3] <= v[1]:
         return None
-    try:
-        x1, y1, x2, y2 = (float(v) for v in b)
-    except (TypeError, ValueError):
-        return None
-    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
-        return None
-    return (x1, y1, x2, y2)
+    return v
 
 
 def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:

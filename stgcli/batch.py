@@ -1,6 +1,6 @@
 """`stg batch`: many (video, query) pairs, one model load, append-only resumable JSONL.
 
-Decoding runs ahead in a background thread through a bounded window of futures, so the model
+Decoding runs ahead in worker threads through a bounded window of futures, so the model
 rarely waits and memory stays flat however many videos there are. Each result line is written
 whole, flushed and fsynced before the next starts; a rerun skips pairs already in the output.
 """

@@ -56,6 +56,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 
+_MODEL_OPTIONS = (
+    click.option("--model", "model_name", default=None, metavar="NAME|PATH",
+                 help="Registered model name or model directory (default: the built-in spacevllm-tiny-shapes)."),
+    click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
+                 help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
+                      "default: the model's, 4bit for spacevllm-7b)."),
+)
+
+
+def _model_options(command):
+    """--model, --frames, --device, --quant: how ground, batch and eval choose and run a model."""
+    for option in reversed(_MODEL_OPTIONS):
+        command = option(command)
+    return command
+
+
 def _echo_warnings(warnings) -> None:
     for w in warnings:
         click.echo(f"stg: warning: {w}", err=True)
@@ -85,15 +103,9 @@ def _summary(res) -> str:
 @cli.command()
 @click.argument("video", type=click.Path(path_type=Path))
 @click.argument("query")
-@click.option("--model", "model_name", default=None, metavar="NAME|PATH",
-              help="Registered model name or model directory (default: the built-in spacevllm-tiny-shapes).")
-@click.option("--frames", type=int, default=None, help="Frames to sample (default: the model's).")
+@_model_options
 @click.option("--start", "start_s", type=float, default=None, help="Only look from this second on.")
 @click.option("--end", "end_s", type=float, default=None, help="Only look up to this second.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
-              help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
-                   "default: the model's, 4bit for spacevllm-7b).")
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the stg.grounding/v1 JSON here (atomically).")
 @click.option("--render", "render_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -136,10 +148,7 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL output; one stg.grounding/v1 line per (video, query). Appended to, never rewritten.")
 @click.option("--query", default=None, help="One query for every video of a folder.")
-@click.option("--model", "model_name", default=None, metavar="NAME|PATH", help="Model name or directory.")
-@click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
+@_model_options
 @click.option("--workers", type=int, default=2, show_default=True,
               help="Threads decoding clips ahead of the model.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -253,7 +262,7 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
               help="Folder with the annotated videos (searched recursively, matched by file name).")
 @click.option("--predictions", type=click.Path(path_type=Path), default=None,
               help="Score this stg.grounding/v1 JSONL instead of running a model.")
-@click.option("--model", "model_name", default=None, metavar="NAME|PATH", help="Model name or directory.")
+@_model_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Predictions JSONL (resumable; default: ANNOTATIONS-stem.preds.jsonl here).")
 @click.option("--protocol", default="stg", show_default=True, metavar="stg|tubedetr",
@@ -262,9 +271,6 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
               help="Write one CSV row per sample (video, query, tIoU, vIoU, spans).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: vIoU histogram and tIoU-vs-vIoU scatter (needs matplotlib).")
-@click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's).")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None)
 @click.option("--json", "as_json", is_flag=True, help="Print only the metrics as one JSON object.")
 def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol, per_sample, plot_path, frames,
           device, quant, as_json) -> None:

@@ -50,12 +50,14 @@ def _boxed(docs: list[dict]) -> list[dict]:
     return [d for d in docs if not d.get("error") and d.get("track")]
 
 
-def _mot_lines(doc: dict, track_id: int) -> list[str]:
+def _mot_rows(doc: dict, track_id: int) -> list[tuple[int, int, str]]:
+    """(1-based frame, id, MOT line) for every boxed frame of one result."""
     out = []
     for t in doc["track"]:
         x1, y1, x2, y2 = t["xyxy"]
-        out.append(f"{t['frame'] + 1},{track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
-                   f"{t['score']:.4f},-1,-1,-1")
+        frame = t["frame"] + 1
+        out.append((frame, track_id, f"{frame},{track_id},{x1:.2f},{y1:.2f},{x2 - x1:.2f},{y2 - y1:.2f},"
+                                     f"{t['score']:.4f},-1,-1,-1"))
     return out
 
 
@@ -66,13 +68,9 @@ def to_mot(docs: list[dict]) -> dict[str, tuple[str, list[tuple[int, str]]]]:
         per_video.setdefault(d["video"]["path"], []).append(d)
     out = {}
     for video, items in per_video.items():
-        lines, ids = [], []
-        for k, d in enumerate(items, 1):
-            lines.extend(_mot_lines(d, k))
-            ids.append((k, d["query"]))
-        # MOT tools expect lines ordered by frame, then id
-        lines.sort(key=lambda s: tuple(int(v) for v in s.split(",", 2)[:2]))
-        out[video] = ("\n".join(lines) + "\n", ids)
+        rows = [row for k, d in enumerate(items, 1) for row in _mot_rows(d, k)]
+        rows.sort()  # MOT tools expect lines ordered by frame, then id
+        out[video] = ("\n".join(r[2] for r in rows) + "\n", [(k, d["query"]) for k, d in enumerate(items, 1)])
     return out
 
 

@@ -458,7 +458,8 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     """Decode `num_frames` uniformly sampled frames from the [start_s, end_s] window.
 
     `size` = (width, height) resizes on decode so large videos never cost full-size frames.
-    `backend` "auto" picks decord where its random access is exact, else PyAV. `threads` > 0
+    `backend` "auto" reads with one PyAV pass when the window reaches the clip's end (the
+    default), else decord where its random access is exact, else PyAV. `threads` > 0
     caps the decoder's threads: callers decoding several clips in parallel (stg batch) pass 1,
     since frame threading costs CPU that parallel clips put to better use.
     """
