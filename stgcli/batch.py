@@ -97,7 +97,7 @@ def _cores_for_decoding(device: str, workers: int):
 
 def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True, workers: int = 2, allow_pickle: bool = False, *,
+              progress: bool = True, workers: int = 2, allow_pickle: bool = False, span_decoding: str = "joint", *,
               items=None,
               desc: str = "batch") -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done).
@@ -131,7 +131,8 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     todo = [it for key, it in unique.items() if key not in done]
     skipped = len(items) - len(todo)  # duplicates of a pair count as already done
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
-                                                                     allow_pickle=allow_pickle, frames=frames)
+                                                                     allow_pickle=allow_pickle, frames=frames,
+                                                                     span_decoding=span_decoding)
     n_ok = n_failed = 0
 
     def prep(item):

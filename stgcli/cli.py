@@ -64,11 +64,15 @@ _MODEL_OPTIONS = (
     click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
                  help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
                       "default: the model's, 4bit for spacevllm-7b)."),
+    click.option("--span-decoding", type=click.Choice(["joint", "text"]), default="joint", show_default=True,
+                 help="joint: the answer the language model and the per-frame presence scores agree on best; "
+                      "text: the language model's free text alone."),
 )
 
 
 def _model_options(command):
-    """--model, --frames, --device, --quant: how ground, batch and eval choose and run a model."""
+    """--model, --frames, --device, --quant, --span-decoding: how ground, batch and eval choose and run
+    a model."""
     for option in reversed(_MODEL_OPTIONS):
         command = option(command)
     return command
@@ -113,7 +117,8 @@ def _summary(res) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint; it can run code. Trusted "
               "sources only.")
-def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, quant, out_path, render_path,
+def ground(video: Path, query: str, model_name, frames, device, quant, span_decoding, start_s, end_s, out_path,
+           render_path,
            as_json, allow_pickle) -> None:
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_frames, check_query, check_video_path, ground as run
@@ -126,7 +131,7 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
-              quant=quant, allow_pickle=allow_pickle)
+              quant=quant, allow_pickle=allow_pickle, span_decoding=span_decoding)
     _echo_warnings(res.warnings)
     if out_path is not None:
         write_json_atomic(out_path, res)
@@ -154,14 +159,14 @@ def ground(video: Path, query: str, model_name, frames, start_s, end_s, device, 
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
-def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, workers, resume,
+def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, span_decoding, workers, resume,
           allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
 
     n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
                                           device=device, quant=quant, resume=resume, workers=workers,
-                                          allow_pickle=allow_pickle)
+                                          allow_pickle=allow_pickle, span_decoding=span_decoding)
     click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
     if n_failed:
         sys.exit(1)
@@ -273,7 +278,7 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
               help="Write a PNG: vIoU histogram and tIoU-vs-vIoU scatter (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the metrics as one JSON object.")
 def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol, per_sample, plot_path, frames,
-          device, quant, as_json) -> None:
+          device, quant, span_decoding, as_json) -> None:
     """Score a model on annotated videos: m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5."""
     import json
 
@@ -293,7 +298,8 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol,
     if plot_path is not None:
         check_plot_available()
     report = evaluate(annotations, fmt, videos=videos, predictions=predictions, model=model_name, out=out_path,
-                      protocol=protocol, frames=frames, device=device, quant=quant)
+                      protocol=protocol, frames=frames, device=device, quant=quant,
+                      span_decoding=span_decoding)
     _echo_warnings(report.warnings)
     if per_sample is not None:
         write_per_sample_csv(per_sample, report.scores)

@@ -209,7 +209,8 @@ def _plural(n: int, word: str) -> str:
 def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.PathLike[str] | None = None,
              predictions: str | os.PathLike[str] | None = None, model: Any = None,
              out: str | os.PathLike[str] | None = None, protocol: str = "stg", frames: int | None = None,
-             device: str = "auto", quant: str | None = None, progress: bool = True) -> EvalReport:
+             device: str = "auto", quant: str | None = None, progress: bool = True,
+             span_decoding: str = "joint") -> EvalReport:
     """Score a model on an annotation file: run it over `videos`, or read `predictions`.
 
     With `predictions` (a `stg batch`/`stg eval` JSONL) nothing runs and `videos` is not needed.
@@ -264,7 +265,8 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
         missing = {s.video for s in samples if s.video not in found}
         from .weights import LoadedModel, load_model
 
-        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant)
+        loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
+                                                                         span_decoding=span_decoding)
         pred_path = Path(out) if out is not None else Path(f"{Path(annotations).stem}.preds.jsonl")
         _check_out_model(pred_path, loaded)
         items = []

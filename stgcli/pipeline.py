@@ -87,8 +87,22 @@ def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:
     return a, b
 
 
+SPAN_DECODINGS = ("joint", "text")
+
+
+def check_span_decoding(span_decoding: str) -> str:
+    if span_decoding not in SPAN_DECODINGS:
+        raise UserError(f"span decoding {span_decoding!r}: expected one of {', '.join(SPAN_DECODINGS)}")
+    return span_decoding
+
+
 def run_model(loaded, prep: dict):
-    """Model half: one forward + a short greedy answer. Returns answer text, boxes, scores, seconds."""
+    """Model half: one forward + the answer. Returns answer text, boxes, scores, seconds.
+
+    The answer is decoded as `loaded.span_decoding` says: "joint" (default) writes the answer the
+    language model and the per-frame presence scores agree on best, among answers whose edges are
+    sampled frames; "text" is the language model's free greedy text (the paper's reading, kept for
+    comparison: the built-in model's text alone is less accurate, see its model card)."""
     import torch
 
     from .weights import cuda_oom_guard
@@ -100,7 +114,12 @@ def run_model(loaded, prep: dict):
         ids = torch.tensor([prep["ids"]], device=dev)
         pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
         tmask = torch.tensor([prep["text_mask"]], device=dev)
-        tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24)
+        candidates = None
+        if loaded.span_decoding == "joint":
+            def candidates(presence):
+                return loaded.processor.span_candidates(prep["sampled"].times_s, presence)
+        tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24,
+                                                      answer_candidates=candidates)
     text = loaded.processor.decode(tokens)
     return text, boxes.float().cpu().numpy(), presence.float().cpu().numpy(), time.perf_counter() - t0
 
@@ -138,16 +157,18 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
     res = GroundingResult(video=video_meta, query=prep["query"], model=model_meta, sampling=sampling,
                           span=span, track=track, timing_s=t, warnings=warnings)
     res.extra["answer"] = text
+    res.extra["span_decoding"] = loaded.span_decoding
     return res
 
 
 def ground(video: str | os.PathLike, query: str, model=None, frames: int | None = None,
            start_s: float | None = None, end_s: float | None = None, device: str = "auto",
-           quant: str | None = None, allow_pickle: bool = False) -> GroundingResult:
+           quant: str | None = None, allow_pickle: bool = False, span_decoding: str = "joint") -> GroundingResult:
     """Ground `query` in `video`: when the described object is visible and its box on every frame.
 
     `model` is a `load_model()` result, a registry name or a model directory (default: the
     built-in model). Warnings (unknown words, truncated file) are in `result.warnings`.
+    `span_decoding` applies when `model` is not already loaded (see `run_model`).
     """
     from .weights import LoadedModel, load_model
 
@@ -156,7 +177,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     check_frames(frames)
     check_video_path(video)  # cheap mistakes first, before a model load
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
-                                                                     allow_pickle=allow_pickle, frames=frames)
+                                                                     allow_pickle=allow_pickle, frames=frames,
+                                                                     span_decoding=span_decoding)
     prep = prepare(loaded, video, query, frames, start_s, end_s)
     return ground_prepared(loaded, prep, video, t0)
 

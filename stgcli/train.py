@@ -272,6 +272,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
                "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
                "elapsed_s": round(time.time() - t0, 1)}
+        if out.point_loss is not None:
+            rec["point"] = round(out.point_loss.item(), 4)
         bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
         if (step + 1) % cfg.log_every == 0:
             log.append(rec)

@@ -466,6 +466,7 @@ class LoadedModel:
     dtype: str
     quantization: str
     default_frames: int
+    span_decoding: str = "joint"  # how the answer is decoded, see pipeline.run_model
 
     @property
     def training_vocabulary(self) -> set[str] | None:
@@ -512,15 +513,19 @@ def quantization_config(quant: str):
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "auto", quant: str | None = None,
                registry_file: str | os.PathLike | None = None, allow_pickle: bool = False,
-               frames: int | None = None) -> LoadedModel:
+               frames: int | None = None, span_decoding: str = "joint") -> LoadedModel:
     """Load a registered model by name, or a model directory by path. Default: the built-in model.
 
-    `frames` only sharpens the advice of an out-of-memory error (default: the model's)."""
+    `frames` only sharpens the advice of an out-of-memory error (default: the model's).
+    `span_decoding`: "joint" (default) or "text", see `pipeline.run_model`."""
     import torch
     from transformers.utils import logging as hf_logging
 
     from .models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
 
+    from .pipeline import check_span_decoding
+
+    check_span_decoding(span_decoding)
     hf_logging.disable_progress_bar()  # stg's own bars and stderr lines only
     hf_logging.set_verbosity_error()
     name = str(name_or_path or DEFAULT_MODEL)
@@ -573,7 +578,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     return LoadedModel(model=model, processor=processor, name=entry.name if entry else str(directory),
                        sha256=digest, device=device, dtype=str(dtype).replace("torch.", ""),
                        quantization=quant, default_frames=entry.default_frames if entry else
-                       int(getattr(model.config, "num_frames", 16)))
+                       int(getattr(model.config, "num_frames", 16)), span_decoding=span_decoding)
 
 
 def _model_digest(directory: Path, files: dict) -> str | None:

@@ -90,6 +90,13 @@ def test_ground_json_on_builtin_model(capsys, tmp_path):
         s = doc["span"]
         assert [t["frame"] for t in doc["track"]] == list(range(s["start_frame"], s["end_frame"] + 1))
         assert {t["source"] for t in doc["track"]} <= {"model", "interpolated"}
+    assert doc["span_decoding"] == "joint"  # the default
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the red circle moving left", "--json",
+                         "--span-decoding", "text", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads(out)["span_decoding"] == "text"
+    code, _, err = run(capsys, "ground", str(EXAMPLE), "the red circle", "--span-decoding", "beam")
+    assert code == 2 and "beam" in err
 
 
 def test_unknown_words_warn_on_stderr(capsys):

@@ -131,3 +131,84 @@ def test_boxes_map_back_through_the_resize():
     w, h = 640, 360
     cxcywh = np.array([[96 / w, 72 / h, 64 / w, 72 / h]])
     np.testing.assert_allclose(SpaceVLLMProcessor.boxes_to_pixels(cxcywh, w, h), [[64, 36, 128, 108]])
+
+
+def test_span_candidates_rank_spans_by_presence_likelihood(small):
+    _, proc = small
+    times = [0.0, 0.5, 1.0, 1.5, 2.0]
+    presence = np.array([0.1, 0.9, 0.8, 0.3, 0.05])
+    ids, prior = proc.span_candidates(times, presence, k=3)
+    texts = [proc.decode(c) for c in ids]
+    assert len(ids) == 3 and list(prior) == sorted(prior, reverse=True)
+
+    def loglik(i, j):  # computed directly, frame by frame
+        return sum(np.log(p) if i <= n <= j else np.log(1 - p) for n, p in enumerate(presence))
+
+    assert proc.parse_answer(texts[0], 2.0) == (0.5, 1.0)  # frames 1..2: the likeliest span
+    assert prior[0] == pytest.approx(loglik(1, 2))
+    spans = [proc.parse_answer(t, 2.0) for t in texts]
+    expected = sorted(((i, j) for i in range(5) for j in range(i, 5)), key=lambda s: -loglik(*s))[:3]
+    assert spans == [(times[i], times[j]) for i, j in expected]
+    # every candidate is a complete answer: template words, then <eos>
+    assert all(c[-1] == proc.tokenizer.eos_token_id for c in ids)
+
+
+def test_span_candidates_write_each_answer_once(small):
+    _, proc = small
+    times = [0.0, 0.04, 0.08, 1.0]  # 0.04 prints as "0.0" at one decimal: two frames, one text
+    ids, prior = proc.span_candidates(times, np.array([0.9, 0.9, 0.2, 0.2]), k=100)
+    texts = [proc.decode(c) for c in ids]
+    assert len(texts) == len(set(texts)) < 10  # 10 spans, fewer distinct answers
+    assert len(prior) == len(ids)
+
+
+def test_answer_log_likelihood_matches_a_full_forward(small):
+    """Scoring candidates on the cached prompt (batched, right-padded) equals teacher forcing."""
+    model, proc = small
+    model.eval()
+    batch = make_batch(small_cfg(), proc, step=2)
+    n_prompt = int((batch["labels"][0] == -100).sum())
+    ids = batch["input_ids"][:1, :n_prompt]
+    pix, tmask = batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt]
+    cands = [proc.encode_answer(0.0, 1.5), proc.encode_answer(12.5, 13.0), proc.encode_answer(2.0, 2.0)]
+    assert len({len(c) for c in cands}) > 1  # padding is exercised
+    with torch.no_grad():
+        _, past, hidden = model.ground_forward(ids, torch.ones_like(ids), pix, tmask, use_cache=True)
+        got = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands)
+        for c, g in zip(cands, got):
+            full = torch.cat([ids, torch.tensor([c])], 1)
+            _, _, h = model.ground_forward(full, torch.ones_like(full), pix,
+                                           torch.cat([tmask, torch.zeros(1, len(c), dtype=torch.bool)], 1))
+            logp = torch.log_softmax(model.lm_head(h[0, n_prompt - 1:-1]).float(), -1)
+            want = logp[torch.arange(len(c)), torch.tensor(c)].sum()
+            assert float(g) == pytest.approx(float(want), abs=1e-3)
+
+
+def test_constrained_ground_returns_the_best_scored_candidate(small):
+    model, proc = small
+    model.eval()
+    batch = make_batch(small_cfg(), proc, step=1)
+    n_prompt = int((batch["labels"][0] == -100).sum())
+    ids = batch["input_ids"][:1, :n_prompt]
+    args = (ids, torch.ones_like(ids), batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt])
+    cands = [proc.encode_answer(0.0, 1.0), proc.encode_answer(0.5, 1.5), proc.encode_answer(1.0, 2.0)]
+    seen = []
+
+    def pick(favourite):
+        def candidates(presence):
+            seen.append(presence)
+            prior = np.full(len(cands), -1e6)
+            prior[favourite] = 0.0
+            return cands, prior
+        return candidates
+
+    for fav in range(3):  # a prior that dwarfs any LM score decides
+        tokens, boxes, presence = model.ground(*args, answer_candidates=pick(fav))
+        assert tokens == cands[fav]
+    torch.testing.assert_close(seen[0], presence)  # the candidates see this clip's presence scores
+    # with an even prior the language model's likelihood decides
+    with torch.no_grad():
+        _, past, hidden = model.ground_forward(*args, use_cache=True)
+        lm = model.answer_log_likelihood(past, args[1], hidden[:, -1], cands)
+    tokens, _, _ = model.ground(*args, answer_candidates=lambda p: (cands, np.zeros(3)))
+    assert tokens == cands[int(lm.argmax())]

@@ -85,3 +85,40 @@ def test_unknown_words():
     vocab = {"the", "red", "circle", "up"}
     assert unknown_words("The man in RED who picks up the cup!", vocab) == ["man", "in", "who", "picks", "cup"]
     assert unknown_words("anything at all", None) == []
+
+
+def test_span_decoding_joint_and_text(model):
+    """joint: the answer is one of the presence head's likeliest spans, re-scored by the LM, so it
+    always parses; text: the LM's free greedy answer, unchanged from model.ground()."""
+    import dataclasses
+
+    import torch
+
+    from stgcli.pipeline import run_model
+
+    prep = prepare(model, EXAMPLE, "the red circle moving left", frames=16)
+    times = prep["sampled"].times_s
+    joint = dataclasses.replace(model, span_decoding="joint")
+    text_model = dataclasses.replace(model, span_decoding="text")
+    answer, boxes, presence, _ = run_model(joint, prep)
+    ids, _ = model.processor.span_candidates(times, presence)
+    assert answer in [model.processor.decode(c) for c in ids]
+    res = finish(joint, prep, EXAMPLE, answer, boxes, presence, {}, [])
+    assert res.span is not None and res.to_dict()["span_decoding"] == "joint"
+    validate(res.to_dict())
+
+    free, boxes2, presence2, _ = run_model(text_model, prep)
+    ids_t = torch.tensor([prep["ids"]])
+    with torch.inference_mode():
+        tokens, _, _ = model.model.ground(ids_t, torch.ones_like(ids_t), torch.from_numpy(prep["pixels"])[None],
+                                          torch.tensor([prep["text_mask"]]), max_new_tokens=24)
+    assert free == model.processor.decode(tokens)
+    np.testing.assert_array_equal(boxes2, boxes)  # the decoding changes the answer only
+    assert finish(text_model, prep, EXAMPLE, free, boxes2, presence2, {}, []).to_dict()["span_decoding"] == "text"
+
+
+def test_unknown_span_decoding_is_a_user_error():
+    from stgcli.errors import UserError
+
+    with pytest.raises(UserError, match="span decoding 'beam'"):
+        load_model(device="cpu", span_decoding="beam")

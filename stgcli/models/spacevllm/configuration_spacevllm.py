@@ -17,6 +17,13 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     time_decimals: decimals of the timestamps written in the prompt and the answer.
     training_vocabulary: words seen in training queries; None means "open vocabulary" (no warning).
     box_l1_weight / box_giou_weight / presence_weight / lm_weight: training loss weights.
+    point_weight: weight of a cross-entropy on the decoder's pointing scores towards the patch that
+        holds the true box centre (in-span frames). A dense, direct signal for "which patch": the
+        L1/GIoU gradient through a diffuse soft-argmax is weak, which made box training plateau.
+    mid_presence_layer / mid_presence_weight: deep supervision of the language model. The query
+        tokens' hidden states after this layer (0: off) go through the final norm and the presence
+        head and get the presence BCE, so the frames' in-span state forms early enough for later
+        layers to carry it into the written answer. Training only; no extra weights.
     """
 
     model_type = "spacevllm"
@@ -33,6 +40,9 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     box_giou_weight: float = 2.0
     presence_weight: float = 1.0
     lm_weight: float = 1.0
+    point_weight: float = 0.0
+    mid_presence_layer: int = 0
+    mid_presence_weight: float = 0.0
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,

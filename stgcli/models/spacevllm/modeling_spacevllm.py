@@ -32,6 +32,7 @@ class SpaceVLLMOutput(ModelOutput):
     lm_loss: torch.Tensor | None = None
     box_loss: torch.Tensor | None = None
     presence_loss: torch.Tensor | None = None
+    point_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
     presence_logits: torch.Tensor | None = None
@@ -76,9 +77,9 @@ class SpaceDecoder(nn.Module):
         self.match_scale = nn.Linear(1, 1)
 
     def forward(self, query_h: torch.Tensor, visual: torch.Tensor, text_h: torch.Tensor,
-                text_pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                text_pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """query_h (N, D), visual (N, P, D), text_h (N, L, D) -> boxes (N, 4) normalised cxcywh,
-        presence logits (N,)."""
+        presence logits (N,), pointing logits over the patch grid (N, P)."""
         v = self.visual_proj(visual) + self.pos_embed.to(visual.dtype)
         t = self.text_proj(text_h)
         for blk in self.text_condition:
@@ -96,7 +97,7 @@ class SpaceDecoder(nn.Module):
         wh = out[:, 2:].sigmoid()
         presence = self.presence_head(query_h).squeeze(-1) + self.match_scale(
             logits.max(-1, keepdim=True).values).squeeze(-1)
-        return torch.cat([cxcy, wh], -1), presence
+        return torch.cat([cxcy, wh], -1), presence, logits
 
 
 def _patch_centres(grid: int, device, dtype) -> torch.Tensor:
@@ -105,6 +106,13 @@ def _patch_centres(grid: int, device, dtype) -> torch.Tensor:
     meta-device loading."""
     ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij")
     return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).to(dtype)
+
+
+def _centre_patch(xyxy: torch.Tensor, grid: int) -> torch.Tensor:
+    """Row-major index of the patch holding each normalised xyxy box's centre."""
+    cx = ((xyxy[:, 0] + xyxy[:, 2]) / 2 * grid).long().clamp(0, grid - 1)
+    cy = ((xyxy[:, 1] + xyxy[:, 3]) / 2 * grid).long().clamp(0, grid - 1)
+    return cy * grid + cx
 
 
 def _cxcywh_to_xyxy(b: torch.Tensor) -> torch.Tensor:
@@ -165,14 +173,16 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         (B, F), past_key_values or None, last hidden states).
         """
         video_out, patches = self.encode_video(pixel_values_videos)
+        mid = self.config.mid_presence_layer if labels is not None else 0
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         mm_encoder_outputs={"video": video_out}, use_cache=use_cache)
+                         mm_encoder_outputs={"video": video_out}, use_cache=use_cache,
+                         output_hidden_states=bool(mid))
         hidden = out.last_hidden_state
         b, f = patches.shape[:2]
         qmask = input_ids == self.config.query_token_index
         query_h = hidden[qmask].view(b, f, -1)
         text_h, text_pad = self._sentence_states(hidden, text_mask)
-        boxes, presence = self.space_decoder(query_h.reshape(b * f, -1), patches.flatten(0, 1),
+        boxes, presence, point_logits = self.space_decoder(query_h.reshape(b * f, -1), patches.flatten(0, 1),
                                              text_h.repeat_interleave(f, 0), text_pad.repeat_interleave(f, 0))
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
@@ -198,6 +208,16 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             result.lm_loss, result.box_loss, result.presence_loss = lm_loss, box_loss, pres_loss
             result.loss = (self.config.lm_weight * lm_loss + box_loss
                            + self.config.presence_weight * pres_loss)
+            if self.config.point_weight and box_sel.any():
+                target = _centre_patch(gt_boxes[box_sel].float(), self.space_decoder.grid)
+                result.point_loss = F.cross_entropy(point_logits.view(b, f, -1)[box_sel].float(), target)
+                result.loss = result.loss + self.config.point_weight * result.point_loss
+            if mid:
+                # hidden_states[0] is the embedding output, so index `mid` is the output of layer `mid`.
+                mid_h = self.model.language_model.norm(out.hidden_states[mid][qmask])
+                mid_logits = self.space_decoder.presence_head(mid_h).view(b, f)
+                mid_loss = F.binary_cross_entropy_with_logits(mid_logits.float(), gt_in_span.float())
+                result.loss = result.loss + self.config.mid_presence_weight * mid_loss
         return result, (out.past_key_values if use_cache else None), hidden
 
     @staticmethod
@@ -218,15 +238,31 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     @torch.no_grad()
     def ground(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values_videos: torch.Tensor,
-               text_mask: torch.Tensor, max_new_tokens: int = 16, eos_token_id: int | None = None):
-        """Inference for one clip (batch 1): greedy answer tokens + per-frame boxes and presence.
+               text_mask: torch.Tensor, max_new_tokens: int = 16, eos_token_id: int | None = None,
+               answer_candidates=None):
+        """Inference for one clip (batch 1): answer tokens + per-frame boxes and presence.
 
         The boxes for all sampled frames come from the same prefill; the pipeline keeps those inside
-        the span the answer names. Greedy decoding is written out (a dozen steps) because the prefill's
-        hidden states are needed for the decoder and `generate()` would run the prefill a second time.
+        the span the answer names.
+
+        Without `answer_candidates` the answer is free greedy text. Greedy decoding is written out
+        (a dozen steps) because the prefill's hidden states are needed for the decoder and
+        `generate()` would run the prefill a second time.
+
+        With `answer_candidates`, a callable (presence (F,)) -> (list of answer token-id lists,
+        prior log-scores (K,)), decoding is constrained to those answers: each gets the language
+        model's log-likelihood plus its prior, and the best one is returned (all K are scored in one
+        batched pass over the cached prompt).
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
+        presence = torch.sigmoid(res.presence_logits[0])
+        if answer_candidates is not None:
+            candidates, prior = answer_candidates(presence.float().cpu())
+            if candidates:
+                lm = self.answer_log_likelihood(past, attention_mask, hidden[:, -1], candidates)
+                best = int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())
+                return list(candidates[best]), res.boxes[0], presence
         eos = eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id
         next_tok = self.lm_head(hidden[:, -1]).argmax(-1)
         tokens = []
@@ -240,4 +276,30 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                                              past_key_values=past, use_cache=True)
             past = step.past_key_values
             next_tok = self.lm_head(step.last_hidden_state[:, -1]).argmax(-1)
-        return tokens, res.boxes[0], torch.sigmoid(res.presence_logits[0])
+        return tokens, res.boxes[0], presence
+
+    @torch.no_grad()
+    def answer_log_likelihood(self, past, attention_mask: torch.Tensor, last_hidden: torch.Tensor,
+                              candidates: list[list[int]]) -> torch.Tensor:
+        """Sum of log-probabilities of each candidate answer after the prompt whose cache is `past`
+        (batch 1; `last_hidden` (1, D) is the prompt's last hidden state). `past` is consumed."""
+        k, n = len(candidates), max(len(c) for c in candidates)
+        dev = attention_mask.device
+        pad = self.config.text_config.pad_token_id or 0
+        ids = torch.full((k, n), pad, dtype=torch.long, device=dev)
+        valid = torch.zeros((k, n), dtype=torch.bool, device=dev)
+        for i, c in enumerate(candidates):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=dev)
+            valid[i, :len(c)] = True
+        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
+        total = first[ids[:, 0]]
+        if n > 1:
+            # Right padding only: a pad never precedes a scored token, so it changes no score.
+            past.batch_repeat_interleave(k)
+            mask = torch.cat([attention_mask.expand(k, -1), valid[:, :-1].to(attention_mask.dtype)], 1)
+            out = self.model.language_model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=past,
+                                            use_cache=True)
+            logp = torch.log_softmax(self.lm_head(out.last_hidden_state).float(), -1)
+            tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
+            total = total + (tok * valid[:, 1:]).sum(1)
+        return total

@@ -116,6 +116,32 @@ class SpaceVLLMProcessor:
         eos = self.tokenizer.eos_token_id
         return self._ids(text) + ([eos] if eos is not None else [])
 
+    def span_candidates(self, times_s, presence, k: int = 8) -> tuple[list[list[int]], np.ndarray]:
+        """The `k` answers (first, last sampled frame) most likely under the per-frame presence
+        scores, as answer token ids, with their presence log-likelihood as a prior.
+
+        A span (i, j) says frames i..j show the object and the others do not; with independent
+        per-frame scores p its log-likelihood is sum(log p) inside + sum(log(1 - p)) outside, which
+        prefix sums give for all F^2 / 2 spans at once. Answers that format to the same text (frames
+        closer together than the printed precision) are kept once, with their best prior.
+        """
+        p = np.clip(np.asarray(presence, dtype=np.float64), 1e-4, 1 - 1e-4)
+        cin = np.concatenate([[0.0], np.cumsum(np.log(p))])
+        cout = np.concatenate([[0.0], np.cumsum(np.log1p(-p))])
+        i, j = np.triu_indices(len(p))
+        score = cout[-1] - (cout[j + 1] - cout[i]) + (cin[j + 1] - cin[i])
+        ids, prior, seen = [], [], set()
+        for n in np.argsort(-score, kind="stable"):
+            text = (self.format_time(float(times_s[i[n]])), self.format_time(float(times_s[j[n]])))
+            if text in seen:
+                continue
+            seen.add(text)
+            ids.append(self.encode_answer(float(text[0]), float(text[1])))
+            prior.append(score[n])
+            if len(ids) == k:
+                break
+        return ids, np.asarray(prior, dtype=np.float64)
+
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
