@@ -200,6 +200,11 @@ def _check_out_model(out: Path, loaded) -> None:
         if isinstance(m, Mapping) and (m.get("name"), m.get("sha256")) != (loaded.name, loaded.sha256):
             raise UserError(f"{out}: holds predictions of model {m.get('name')!r}, not {loaded.name!r}; "
                             "choose another --out (or --predictions to score that file)")
+        # Lines written before span decoding was selectable were free text.
+        mode = r.get("span_decoding", "text") if isinstance(r, Mapping) and isinstance(m, Mapping) else None
+        if mode is not None and mode != loaded.span_decoding:
+            raise UserError(f"{out}: holds predictions decoded with --span-decoding {mode}, not "
+                            f"{loaded.span_decoding}; choose another --out (or --predictions to score that file)")
 
 
 def _plural(n: int, word: str) -> str:

@@ -404,6 +404,20 @@ def test_out_written_by_another_model_is_refused(shapes, capsys, tmp_path):
     assert_user_error(code, err, "someone-elses-model", "preds.jsonl")
 
 
+def test_out_decoded_another_way_is_refused(shapes, capsys, tmp_path):
+    from stgcli.weights import load_model
+
+    d, rows, hc = shapes
+    m = load_model(device="cpu")
+    line = pred(0, 1, video=str(d / "clips" / rows[0]["video"]), query=rows[0]["query"])
+    line["model"] = {"name": m.name, "sha256": m.sha256}
+    line["span_decoding"] = "text"
+    out = write(tmp_path, "preds.jsonl", json.dumps(line) + "\n")
+    code, _, err = run(capsys, "eval", "--annotations", str(hc), "--format", "hcstvg", "--videos",
+                       str(d / "clips"), "--out", str(out), "--device", "cpu")
+    assert_user_error(code, err, "--span-decoding text", "preds.jsonl")
+
+
 def test_readme_worked_example():
     """The numbers README's `stg eval` section computes by hand."""
     from stgcli.annotations import Sample
