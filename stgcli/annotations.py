@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .errors import UserError
+from .pipeline import normalize_query
 
 __all__ = ["FORMATS", "Sample", "load_annotations", "load_hcstvg", "load_stg", "load_vidstg"]
 
@@ -107,9 +108,6 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not a UTF-8 text file; pass the JSON annotation file") from None
 
 
-def _query(text: Any) -> str:
-    return " ".join(str(text).split())
-
 
 def _four_floats(b: Any) -> tuple[float, float, float, float] | None:
     """Four finite numbers from a list/tuple, or None for anything else."""
@@ -162,7 +160,7 @@ def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:
             query = a["English"]
         else:
             raise w.fail(where, "missing key 'caption' (v1) or 'English' (v2)")
-        if not _query(query):
+        if not normalize_query(query):
             raise w.fail(where, "the sentence is empty")
         width, height = a.get("width"), a.get("height")
         if "img_size" in a and isinstance(a["img_size"], (list, tuple)) and len(a["img_size"]) == 2:
@@ -170,7 +168,7 @@ def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:
         first = st - 1
         boxes = {first + i: b for i, b in enumerate(_box_ltwh(x) for x in bbox) if b is not None}
         samples.append(Sample(
-            video=str(name), query=_query(query), gt_span=(first, first + len(bbox) - 1), gt_boxes=boxes,
+            video=str(name), query=normalize_query(query), gt_span=(first, first + len(bbox) - 1), gt_boxes=boxes,
             eval_range=(0, num - 1), num_frames=num, fps=None,
             width=None if width is None else int(width), height=None if height is None else int(height),
             id=f"{p.name}:{name}"))
@@ -239,7 +237,7 @@ def load_vidstg(path: str | os.PathLike[str]) -> list[Sample]:
                 qwhere = f"{where} {key}[{j}]"
                 text = w.get(q, "description", qwhere, (str,))
                 tid = w.get(q, "target_id", qwhere, (int, str))
-                queries.append((qwhere, _query(text), tid, qtype))
+                queries.append((qwhere, normalize_query(text), tid, qtype))
         if not queries:
             raise w.fail(where, "no 'captions' or 'questions' to ground")
         for qwhere, text, tid, qtype in queries:
@@ -270,7 +268,7 @@ def load_stg(path: str | os.PathLike[str]) -> list[Sample]:
         except json.JSONDecodeError as e:
             raise w.fail(where, f"not valid JSON ({e.msg})") from None
         video = w.get(a, "video", where, (str,))
-        query = _query(w.get(a, "query", where, (str,)))
+        query = normalize_query(w.get(a, "query", where, (str,)))
         if not query:
             raise w.fail(where, "'query' is empty")
         span = w.get(a, "span_frames", where)

@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .errors import UserError
+from .pipeline import normalize_query
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg"}
 
@@ -53,7 +54,7 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
         videos = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
         if not videos:
             raise UserError(f"{source}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-        return [(str(p), " ".join(query.split())) for p in videos]
+        return [(str(p), normalize_query(query)) for p in videos]
     items = []
     for line_no, row in _manifest_rows(source):
         for col in ("video", "query"):
@@ -62,7 +63,7 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
         video = Path(str(row["video"]))
         if not video.is_absolute():
             video = source.parent / video
-        items.append((str(video), " ".join(str(row["query"]).split())))
+        items.append((str(video), normalize_query(row["query"])))
     if not items:
         raise UserError(f"{source}: manifest has no entries")
     return items
@@ -72,7 +73,7 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]
     """(video, query[, start_s, end_s]) -> 4-tuples with a whitespace-normalized query."""
     out = []
     for it in items:
-        video, query = str(it[0]), " ".join(str(it[1]).split())
+        video, query = str(it[0]), normalize_query(it[1])
         start_s = it[2] if len(it) > 2 else None
         end_s = it[3] if len(it) > 3 else None
         out.append((video, query, start_s, end_s))

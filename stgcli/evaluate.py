@@ -25,6 +25,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from .annotations import FORMATS, Sample, load_annotations
 from .batch import VIDEO_EXTENSIONS
 from .errors import UserError
+from .pipeline import normalize_query
 from .metrics import pred_span, score_sample, summarize, tubedetr_frames
 
 __all__ = ["PROTOCOLS", "EvalReport", "SampleScore", "evaluate", "find_videos", "index_predictions",
@@ -109,7 +110,7 @@ def index_predictions(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, s
     index: dict[tuple[str, str], Mapping[str, Any]] = {}
     for r in records:
         try:
-            video, query = str(r["video"]["path"]), " ".join(str(r["query"]).split())
+            video, query = str(r["video"]["path"]), normalize_query(r["query"])
         except (KeyError, TypeError):
             continue
         for k in _key_names(video):

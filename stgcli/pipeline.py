@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -17,8 +16,13 @@ from .result import GroundingResult, ModelMeta, Sampling, Span, VideoMeta, build
 _WORD = re.compile(r"[a-z0-9']+")
 
 
+def normalize_query(text) -> str:
+    """One spelling per query (whitespace collapsed): what results record and resume matches on."""
+    return " ".join(str(text).split())
+
+
 def check_query(query: str) -> str:
-    q = " ".join(str(query).split())
+    q = normalize_query(query)
     if not q:
         raise UserError("empty query: describe the object to find, e.g. \"the red circle moving left\"")
     return q
@@ -30,12 +34,10 @@ def check_frames(frames: int | None) -> None:
 
 
 def check_video_path(video: str | os.PathLike) -> None:
-    """The mistakes worth catching before a model load."""
-    p = Path(video)
-    if not p.exists():
-        raise UserError(f"{video}: no such file")
-    if p.is_dir():
-        raise UserError(f"{video}: is a directory; pass a video file (or use `stg batch` for folders)")
+    """The mistakes worth catching before a model load (missing, a folder, empty)."""
+    from .video import check_path
+
+    check_path(video)
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
@@ -114,10 +116,10 @@ def run_model(loaded, prep: dict):
         ids = torch.tensor([prep["ids"]], device=dev)
         pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
         tmask = torch.tensor([prep["text_mask"]], device=dev)
-        candidates = None
-        if loaded.span_decoding == "joint":
-            def candidates(presence):
-                return loaded.processor.span_candidates(prep["sampled"].times_s, presence)
+        def joint(presence):
+            return loaded.processor.span_candidates(prep["sampled"].times_s, presence)
+
+        candidates = joint if loaded.span_decoding == "joint" else None
         tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24,
                                                       answer_candidates=candidates)
     text = loaded.processor.decode(tokens)

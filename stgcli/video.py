@@ -104,13 +104,13 @@ class _Scan:
 # --------------------------------------------------------------------------- opening
 
 
-def _check_path(path: str | os.PathLike) -> Path:
+def check_path(path: str | os.PathLike) -> Path:
     """Turn the common path mistakes into one-line errors before any decoder sees them."""
     p = Path(path)
     if not p.exists():
         raise VideoError(f"{path}: no such file; check the path")
     if p.is_dir():
-        raise VideoError(f"{path}: is a directory, not a video file; pass a video file")
+        raise VideoError(f"{path}: is a directory, not a video file; pass a video file (or use `stg batch` for folders)")
     if p.stat().st_size == 0:
         raise VideoError(f"{path}: file is empty; pass a non-empty MP4/WebM/AVI/MKV file")
     return p
@@ -121,7 +121,7 @@ def _open(path: str | os.PathLike, threads: int = 0):
     video decoder's threads (0: FFmpeg's choice, one per core)."""
     import av
 
-    p = _check_path(path)
+    p = check_path(path)
     try:
         container = av.open(str(p), metadata_errors="ignore")
         for stream in container.streams.video if threads > 0 else ():
