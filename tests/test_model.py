@@ -175,6 +175,12 @@ def test_answer_log_likelihood_matches_a_full_forward(small):
     with torch.no_grad():
         _, past, hidden = model.ground_forward(ids, torch.ones_like(ids), pix, tmask, use_cache=True)
         got = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands)
+        assert past.get_seq_length() == n_prompt  # the prompt's cache is left as it was
+        # a cache budget of one prompt scores the candidates one at a time: same scores
+        one_by_one = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands,
+                                                 max_cached_tokens=n_prompt)
+        torch.testing.assert_close(one_by_one, got, atol=1e-4, rtol=1e-4)
+        assert past.get_seq_length() == n_prompt
         for c, g in zip(cands, got):
             full = torch.cat([ids, torch.tensor([c])], 1)
             _, _, h = model.ground_forward(full, torch.ones_like(full), pix,

@@ -280,9 +280,21 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     @torch.no_grad()
     def answer_log_likelihood(self, past, attention_mask: torch.Tensor, last_hidden: torch.Tensor,
-                              candidates: list[list[int]]) -> torch.Tensor:
+                              candidates: list[list[int]], max_cached_tokens: int = 16384) -> torch.Tensor:
         """Sum of log-probabilities of each candidate answer after the prompt whose cache is `past`
-        (batch 1; `last_hidden` (1, D) is the prompt's last hidden state). `past` is consumed."""
+        (batch 1; `last_hidden` (1, D) is the prompt's last hidden state).
+
+        Candidates are scored in batches whose copies of the prompt cache hold at most
+        `max_cached_tokens` tokens together: the tiny model scores all 8 at once, while a 64-frame 7B
+        prompt (~13k tokens, ~0.7 GB of cache) is scored one candidate at a time instead of
+        spiking GPU memory by 8 copies. `past` is left as it was given."""
+        group = max(1, min(len(candidates), max_cached_tokens // max(1, attention_mask.shape[1])))
+        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
+        return torch.cat([self._score_group(past, attention_mask, first, candidates[i:i + group])
+                          for i in range(0, len(candidates), group)])
+
+    def _score_group(self, past, attention_mask: torch.Tensor, first: torch.Tensor,
+                     candidates: list[list[int]]) -> torch.Tensor:
         k, n = len(candidates), max(len(c) for c in candidates)
         dev = attention_mask.device
         pad = self.config.text_config.pad_token_id or 0
@@ -291,15 +303,18 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         for i, c in enumerate(candidates):
             ids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=dev)
             valid[i, :len(c)] = True
-        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
         total = first[ids[:, 0]]
-        if n > 1:
-            # Right padding only: a pad never precedes a scored token, so it changes no score.
+        if n == 1:
+            return total
+        # Right padding only: a pad never precedes a scored token, so it changes no score.
+        if k > 1:
             past.batch_repeat_interleave(k)
-            mask = torch.cat([attention_mask.expand(k, -1), valid[:, :-1].to(attention_mask.dtype)], 1)
-            out = self.model.language_model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=past,
-                                            use_cache=True)
-            logp = torch.log_softmax(self.lm_head(out.last_hidden_state).float(), -1)
-            tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
-            total = total + (tok * valid[:, 1:]).sum(1)
-        return total
+        mask = torch.cat([attention_mask.expand(k, -1), valid[:, :-1].to(attention_mask.dtype)], 1)
+        out = self.model.language_model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=past,
+                                        use_cache=True)
+        past.crop(-(n - 1))  # back to the prompt alone
+        if k > 1:
+            past.batch_select_indices(torch.zeros(1, dtype=torch.long, device=dev))
+        logp = torch.log_softmax(self.lm_head(out.last_hidden_state).float(), -1)
+        tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
+        return total + (tok * valid[:, 1:]).sum(1)
