@@ -23,9 +23,8 @@ from _common import machine, today, write_section  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stgcli import load_model  # noqa: E402
-from stgcli.metrics import box_iou, span_frames, tiou  # noqa: E402
+from stgcli.metrics import box_iou, score_sample, span_frames, summarize, tiou  # noqa: E402
 from stgcli.pipeline import finish, prepare, run_model  # noqa: E402
-from stgcli.metrics import score_sample, summarize  # noqa: E402
 from stgcli.synth import synth_dataset  # noqa: E402
 
 TARGETS = {"m_tIoU": 0.80, "m_vIoU": 0.60, "vIoU@0.5": 0.60}

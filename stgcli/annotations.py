@@ -108,7 +108,6 @@ def _read_json(path: Path) -> Any:
         raise UserError(f"{path}: not a UTF-8 text file; pass the JSON annotation file") from None
 
 
-
 def _four_floats(b: Any) -> tuple[float, float, float, float] | None:
     """Four finite numbers from a list/tuple, or None for anything else."""
     if not isinstance(b, (list, tuple)) or len(b) != 4:
@@ -155,12 +154,12 @@ def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:
         if not bbox:
             raise w.fail(where, "'bbox' is empty; the tube needs at least one frame")
         if "caption" in a:
-            query = a["caption"]
+            query = normalize_query(a["caption"])
         elif "English" in a:
-            query = a["English"]
+            query = normalize_query(a["English"])
         else:
             raise w.fail(where, "missing key 'caption' (v1) or 'English' (v2)")
-        if not normalize_query(query):
+        if not query:
             raise w.fail(where, "the sentence is empty")
         width, height = a.get("width"), a.get("height")
         if "img_size" in a and isinstance(a["img_size"], (list, tuple)) and len(a["img_size"]) == 2:
@@ -168,7 +167,7 @@ def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:
         first = st - 1
         boxes = {first + i: b for i, b in enumerate(_box_ltwh(x) for x in bbox) if b is not None}
         samples.append(Sample(
-            video=str(name), query=normalize_query(query), gt_span=(first, first + len(bbox) - 1), gt_boxes=boxes,
+            video=str(name), query=query, gt_span=(first, first + len(bbox) - 1), gt_boxes=boxes,
             eval_range=(0, num - 1), num_frames=num, fps=None,
             width=None if width is None else int(width), height=None if height is None else int(height),
             id=f"{p.name}:{name}"))

@@ -17,6 +17,7 @@ a wrong folder, not a result (UserError, exit 2).
 from __future__ import annotations
 
 import csv
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -293,8 +294,8 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
     n_nopred = sum(1 for sc in scores if sc.status == "failed: no prediction")
     if n_nopred:
         warnings.append(f"{_plural(n_nopred, 'sample')} had no prediction in {pred_path}; scored 0 as failed")
-    n_err = sum(1 for sc in scores if sc.failed) - n_nopred - sum(
-        1 for sc in scores if sc.status == "failed: video not found")
+    n_err = sum(1 for sc in scores
+                if sc.failed and sc.status not in ("failed: no prediction", "failed: video not found"))
     if n_err:
         warnings.append(f"{_plural(n_err, 'prediction')} failed or could not be read (see --per-sample); "
                         "scored 0")
@@ -305,19 +306,20 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
 
 
 def write_per_sample_csv(path: str | os.PathLike[str], scores: Sequence[SampleScore]) -> Path:
-    """One row per sample: video, query, tIoU, vIoU, predicted and true spans (inclusive frames)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with open(p, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(["video", "query", "tIoU", "vIoU", "pred_start_frame", "pred_end_frame", "gt_start_frame",
-                    "gt_end_frame", "status", "qtype"])
-        for sc in scores:
-            ps, gs = sc.pred_span, sc.sample.gt_span
-            w.writerow([sc.sample.video, sc.sample.query, f"{sc.tiou:.4f}", f"{sc.viou:.4f}",
-                        "" if ps is None else ps[0], "" if ps is None else ps[1],
-                        "" if gs is None else gs[0], "" if gs is None else gs[1], sc.status, sc.sample.qtype or ""])
-    return p
+    """One row per sample: video, query, tIoU, vIoU, predicted and true spans (inclusive frames),
+    written atomically."""
+    from .result import write_text_atomic
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["video", "query", "tIoU", "vIoU", "pred_start_frame", "pred_end_frame", "gt_start_frame",
+                "gt_end_frame", "status", "qtype"])
+    for sc in scores:
+        ps, gs = sc.pred_span, sc.sample.gt_span
+        w.writerow([sc.sample.video, sc.sample.query, f"{sc.tiou:.4f}", f"{sc.viou:.4f}",
+                    "" if ps is None else ps[0], "" if ps is None else ps[1],
+                    "" if gs is None else gs[0], "" if gs is None else gs[1], sc.status, sc.sample.qtype or ""])
+    return write_text_atomic(path, buf.getvalue())
 
 
 def check_plot_available() -> None:

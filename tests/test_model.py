@@ -30,6 +30,15 @@ def small():
     return new_tiny_model(small_cfg(), seed=0)
 
 
+def prompt_inputs(proc, step: int):
+    """The first clip of training batch `step`, prompt only: (input_ids, attention_mask, pixels,
+    text_mask) for `model.ground`, and the prompt length."""
+    batch = make_batch(small_cfg(), proc, step=step)
+    n_prompt = int((batch["labels"][0] == -100).sum())  # prompt tokens lead, answer follows
+    ids = batch["input_ids"][:1, :n_prompt]
+    return (ids, torch.ones_like(ids), batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt]), n_prompt
+
+
 def test_prompt_interleaves_frames_and_queries(small):
     _, proc = small
     times = [0.0, 0.5, 1.0]
@@ -65,13 +74,10 @@ def test_forward_backward_and_losses(small):
 def test_ground_inference_and_roundtrip(small, tmp_path):
     model, proc = small
     model.eval()
-    batch = make_batch(small_cfg(), proc, step=1)
-    n_prompt = int((batch["labels"][0] == -100).sum())  # prompt tokens lead, answer follows
-    ids = batch["input_ids"][:1, :n_prompt]
-    args = (ids, torch.ones_like(ids), batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt])
+    args, _ = prompt_inputs(proc, step=1)
     tokens, boxes, presence = model.ground(*args, max_new_tokens=5)
     assert 1 <= len(tokens) <= 5
-    assert boxes.shape == (batch["gt_in_span"].shape[1], 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
+    assert boxes.shape == (args[2].shape[1], 4) and bool(((boxes >= 0) & (boxes <= 1)).all())
     assert bool(((presence >= 0) & (presence <= 1)).all())
 
     model.save_pretrained(tmp_path, safe_serialization=True)
@@ -166,10 +172,7 @@ def test_answer_log_likelihood_matches_a_full_forward(small):
     """Scoring candidates on the cached prompt (batched, right-padded) equals teacher forcing."""
     model, proc = small
     model.eval()
-    batch = make_batch(small_cfg(), proc, step=2)
-    n_prompt = int((batch["labels"][0] == -100).sum())
-    ids = batch["input_ids"][:1, :n_prompt]
-    pix, tmask = batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt]
+    (ids, _, pix, tmask), n_prompt = prompt_inputs(proc, step=2)
     cands = [proc.encode_answer(0.0, 1.5), proc.encode_answer(12.5, 13.0), proc.encode_answer(2.0, 2.0)]
     assert len({len(c) for c in cands}) > 1  # padding is exercised
     with torch.no_grad():
@@ -193,10 +196,7 @@ def test_answer_log_likelihood_matches_a_full_forward(small):
 def test_constrained_ground_returns_the_best_scored_candidate(small):
     model, proc = small
     model.eval()
-    batch = make_batch(small_cfg(), proc, step=1)
-    n_prompt = int((batch["labels"][0] == -100).sum())
-    ids = batch["input_ids"][:1, :n_prompt]
-    args = (ids, torch.ones_like(ids), batch["pixel_values_videos"][:1], batch["text_mask"][:1, :n_prompt])
+    args, _ = prompt_inputs(proc, step=1)
     cands = [proc.encode_answer(0.0, 1.0), proc.encode_answer(0.5, 1.5), proc.encode_answer(1.0, 2.0)]
     seen = []
 
@@ -218,3 +218,38 @@ def test_constrained_ground_returns_the_best_scored_candidate(small):
         lm = model.answer_log_likelihood(past, args[1], hidden[:, -1], cands)
     tokens, _, _ = model.ground(*args, answer_candidates=lambda p: (cands, np.zeros(3)))
     assert tokens == cands[int(lm.argmax())]
+
+
+def test_centre_patch_indexes_the_grid_row_major():
+    from stgcli.models.spacevllm.modeling_spacevllm import _centre_patch
+
+    boxes = torch.tensor([[0.0, 0.0, 0.2, 0.2],     # centre (0.1, 0.1): row 0, col 0
+                          [0.6, 0.1, 1.0, 0.3],     # centre (0.8, 0.2): row 0, col 3
+                          [0.2, 0.6, 0.4, 1.0],     # centre (0.3, 0.8): row 3, col 1
+                          [0.9, 0.9, 1.0, 1.0]])    # centre on the far edge: last patch
+    assert _centre_patch(boxes, 4).tolist() == [0, 3, 13, 15]
+
+
+def test_training_aids_add_their_losses():
+    """point_weight / mid_presence_layer (off by default) add a pointing cross-entropy and a
+    mid-layer presence BCE to the loss; with both off the loss is the three base terms."""
+    aids = dict(SMALL, text_config={**SMALL["text_config"], "num_hidden_layers": 2},
+                point_weight=1.0, mid_presence_layer=1, mid_presence_weight=0.5)
+    cfg = small_cfg(model=aids)
+    torch.manual_seed(0)
+    model, proc = new_tiny_model(cfg, seed=0)
+    model.train()
+    batch = make_batch(cfg, proc, step=0)
+    out, _, _ = model.ground_forward(**batch)
+    base = out.lm_loss + out.box_loss + out.presence_loss
+    grid = model.space_decoder.grid
+    assert 0 < out.point_loss.item() < 2 * np.log(grid * grid)  # a cross-entropy over the patch grid
+    mid = (out.loss - base - out.point_loss).item()
+    assert 0 < mid < 0.5 * 5  # 0.5 x a BCE over presence
+    out.loss.backward()
+    assert model.space_decoder.point_q.weight.grad is not None
+
+    model.config.point_weight, model.config.mid_presence_layer = 0.0, 0
+    out, _, _ = model.ground_forward(**batch)
+    assert out.point_loss is None
+    torch.testing.assert_close(out.loss, out.lm_loss + out.box_loss + out.presence_loss)
