@@ -42,6 +42,8 @@ CLIPS = {
     "mjpeg.avi": (lambda p: vg.write_video(p, _frames(30), 20, codec="mjpeg",
                                            pix_fmt="yuvj420p"), 30),
     "h264.mkv": (lambda p: vg.write_video(p, _frames(90), 30, options={"g": "15"}), 90),
+    "hevc.mp4": (lambda p: vg.write_video(p, _frames(40), 25, codec="libx265",
+                                          options={"x265-params": "log-level=none:keyint=20:bframes=3"}), 40),
     "h264.ts": (lambda p: vg.write_video(p, _frames(30), 30), 30),
     # MPEG-PS: after a seek the parser guesses timestamps (found shifted by 3 frames).
     "mpeg2.mpg": (lambda p: vg.write_video(p, _frames(60), 30, codec="mpeg2video",

@@ -288,6 +288,49 @@ def test_directory_and_missing_path(clip_dir):
         video.sample_frames(clip_dir / "missing.mp4", 4)
 
 
+# --------------------------------------------------------------------------- skipping frames
+
+# Seekable containers with B-frames (unreferenced pictures) in codecs of video._NONREF_SKIP.
+SKIPPABLE = ["h264.mp4", "h264.mkv", "mpeg4_bframes.mp4", "hevc.mp4"]
+
+
+@pytest.mark.parametrize("name", SKIPPABLE)
+def test_decode_skips_unreferenced_frames_but_never_kept_ones(clip, name):
+    import av
+
+    scan = video._scan(clip(name))
+    keep = {int(scan.pts[i]) for i in (0, len(scan.pts) // 3, len(scan.pts) - 1)}
+    with av.open(str(clip(name))) as c:
+        got = [f.pts for f in video._decode(c, c.streams.video[0], keep=keep)]
+    assert keep <= set(got)
+    assert len(got) < len(scan.pts)  # something was skipped, or this clip tests nothing
+    with av.open(str(clip(name))) as c:  # and the codec context is left decoding everything
+        stream = c.streams.video[0]
+        list(video._decode(c, stream, keep=keep))
+        assert stream.codec_context.skip_frame == "DEFAULT"
+
+
+@pytest.mark.parametrize("threads", [0, 1])
+@pytest.mark.parametrize("name", SKIPPABLE)
+def test_sampling_with_skipped_frames_is_bit_exact(clip, name, threads):
+    """Every sampled frame (referenced or not) equals the same frame from a full decode."""
+    full = {i: f for i, _, f in video.iter_frames(clip(name), size=(64, 48))}
+    for n in (5, 13):
+        s = video.sample_frames(clip(name), n, size=(64, 48), backend="pyav", threads=threads)
+        assert s.indices.tolist() == video.sample_indices(len(full), n).tolist() and s.warnings == []
+        assert codes(s.frames) == s.indices.tolist()
+        for i, f in zip(s.indices.tolist(), s.frames):
+            assert np.array_equal(f, full[i]), (name, n, i)
+
+
+def test_counted_frames_are_never_skipped(clip):
+    """H.264 in AVI: packet pts are decode-order counters, so frames are counted, and a
+    skipped frame would shift every later index."""
+    assert video._scan(clip("h264_bframes.avi")).counted
+    s = video.sample_frames(clip("h264_bframes.avi"), 13, backend="pyav")
+    assert codes(s.frames) == s.indices.tolist() and len(s.indices) == 13
+
+
 # --------------------------------------------------------------------------- iter_frames
 
 
