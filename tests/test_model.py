@@ -1,6 +1,7 @@
 """SpaceVLLM model code: layout of inputs, forward/backward, inference, save/load, full-size shapes."""
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -130,6 +131,27 @@ def test_snap_span_extends_halfway_to_outside_neighbours():
     assert SpaceVLLMProcessor.snap_span(1.0, 3.0, times, 4.5) == (0.5, 3.5)
     assert SpaceVLLMProcessor.snap_span(0.0, 4.0, times, 4.5) == (0.0, 4.5)   # clip ends stay ends
     assert SpaceVLLMProcessor.snap_span(1.1, 2.9, times, 4.5) == (0.5, 3.5)   # snapped to sampled frames
+
+
+@pytest.mark.parametrize("size", [32, 48])
+def test_preprocess_frames_normalises_exactly(size):
+    """The table lookup gives the per-pixel formula's float32 values bit for bit (SigLIP's and
+    CLIP's statistics), channels first, resizing only frames that are not already square."""
+    from dataclasses import replace
+
+    from stgcli.models.spacevllm.processing_spacevllm import build_word_tokenizer
+
+    mean, std = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+    proc = SpaceVLLMProcessor(build_word_tokenizer(["red"]),
+                              replace(ProcessorSettings(), image_size=32, image_mean=mean, image_std=std))
+    frames = np.random.default_rng(0).integers(0, 256, (3, size, size, 3), dtype=np.uint8)
+    square = frames if size == 32 else np.stack([cv2.resize(f, (32, 32), interpolation=cv2.INTER_AREA)
+                                                 for f in frames])
+    expected = ((square.astype(np.float32) * (1.0 / 255.0) - np.asarray(mean, np.float32))
+                / np.asarray(std, np.float32)).transpose(0, 3, 1, 2)
+    out = proc.preprocess_frames(frames)
+    assert out.dtype == np.float32 and out.shape == (3, 3, 32, 32) and out.flags.c_contiguous
+    assert np.array_equal(out, expected)
 
 
 def test_boxes_map_back_through_the_resize():
