@@ -223,14 +223,29 @@ def _indexed(container, stream, scan: _Scan, seek_index: int | None = None,
         yield lookup.get(_frame_key(frame)), frame
 
 
-def _rgb(frame, size: tuple[int, int] | None, rotation: int) -> np.ndarray:
-    """RGB array of a PyAV frame, resized on conversion (no full-size copy) and upright."""
-    if size is None:
-        arr = frame.to_ndarray(format="rgb24")
-    else:
-        w, h = size if rotation in (0, 180) else (size[1], size[0])
-        arr = frame.to_ndarray(format="rgb24", width=w, height=h, interpolation="AREA")
-    return _upright(arr, rotation)
+class _ToRGB:
+    """Frames -> upright RGB arrays, resized on conversion (no full-size copy).
+
+    One per reading pass, because it holds one swscale context for all its frames:
+    `frame.to_ndarray(width=..)` builds a new context (and its AREA filter) for every frame,
+    5x the cost of the conversion itself. Not shared between threads (swscale contexts are
+    not thread-safe)."""
+
+    def __init__(self, size: tuple[int, int] | None, rotation: int):
+        from av.video.reformatter import VideoReformatter
+
+        self.rotation = rotation
+        self.size = size if size is None or rotation in (0, 180) else (size[1], size[0])
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame) -> np.ndarray:
+        if self.size is None:
+            arr = frame.to_ndarray(format="rgb24")
+        else:
+            w, h = self.size
+            arr = self._reformatter.reformat(frame, width=w, height=h, format="rgb24",
+                                             interpolation="AREA").to_ndarray()
+        return _upright(arr, self.rotation)
 
 
 def _upright(arr: np.ndarray, rotation: int) -> np.ndarray:
@@ -543,12 +558,13 @@ def iter_frames(path: str | os.PathLike, size: tuple[int, int] | None = None
 def _iter_scanned(path, scan: _Scan, size) -> Iterator[tuple[int, float, np.ndarray]]:
     """The generator behind iter_frames."""
     times = scan.times_s
+    rgb = _ToRGB(size, scan.info.rotation)
     with _open(path) as container:
         stream = container.streams[scan.stream_index]
         stream.thread_type = "AUTO"
         for i, frame in _indexed(container, stream, scan):
             if i is not None:
-                yield i, float(times[i]), _rgb(frame, size, scan.info.rotation)
+                yield i, float(times[i]), rgb(frame)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -640,10 +656,11 @@ def _read_pyav(path, scan: _Scan, idx: np.ndarray, size, threads: int = 0) -> di
     import av
 
     wanted, got = {int(i) for i in idx}, {}
+    rgb = _ToRGB(size, scan.info.rotation)
     if not scan.counted:
         try:
             with _open(path, threads) as container:
-                _read_seeking(container, scan, wanted, got, size)
+                _read_seeking(container, scan, wanted, got, rgb)
         except av.FFmpegError:
             pass  # unseekable file: the sequential pass below gets everything
     missing = wanted - set(got)
@@ -651,12 +668,11 @@ def _read_pyav(path, scan: _Scan, idx: np.ndarray, size, threads: int = 0) -> di
         with _open(path, threads) as container:
             stream = container.streams[scan.stream_index]
             stream.thread_type = "AUTO"
-            _decode_until(_indexed(container, stream, scan, wanted=missing), max(missing), missing, got,
-                          size, scan.info.rotation)
+            _decode_until(_indexed(container, stream, scan, wanted=missing), max(missing), missing, got, rgb)
     return got
 
 
-def _read_seeking(container, scan: _Scan, wanted: set, got: dict, size) -> None:
+def _read_seeking(container, scan: _Scan, wanted: set, got: dict, rgb: _ToRGB) -> None:
     """Visit targets in order; seek to a target's GOP only when that skips decoding.
 
     Frames are identified by pts, so a seek that lands early costs time, never correctness.
@@ -673,7 +689,7 @@ def _read_seeking(container, scan: _Scan, wanted: set, got: dict, size) -> None:
         if frames is None or t <= last or key > last + 1:
             frames, since_seek = _indexed(container, stream, scan, key, wanted), []
         try:
-            last = _decode_until(frames, t, wanted, got, size, scan.info.rotation, since_seek)
+            last = _decode_until(frames, t, wanted, got, rgb, since_seek)
         except _UnknownPts:
             for i in since_seek:
                 got.pop(i, None)
@@ -686,7 +702,7 @@ class _UnknownPts(Exception):
     """A decoded frame's pts is not one the scan saw (seeking is unreliable here)."""
 
 
-def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: int,
+def _decode_until(frames, target: int, wanted: set, got: dict, rgb: _ToRGB,
                   collected: list | None = None) -> int:
     """Advance `frames` until index `target`, converting wanted frames; return last index.
 
@@ -701,7 +717,7 @@ def _decode_until(frames, target: int, wanted: set, got: dict, size, rotation: i
             continue
         last = i
         if i in wanted and i not in got:
-            got[i] = _rgb(frame, size, rotation)
+            got[i] = rgb(frame)
             if collected is not None:
                 collected.append(i)
         if i >= target:

@@ -331,6 +331,21 @@ def test_counted_frames_are_never_skipped(clip):
     assert codes(s.frames) == s.indices.tolist() and len(s.indices) == 13
 
 
+@pytest.mark.parametrize("name,rotation", [("h264.mp4", 0), ("odd.avi", 0), ("rot_cw90.mp4", 90)])
+def test_one_converter_per_pass_gives_each_frames_own_conversion(clip, name, rotation):
+    """_ToRGB keeps one swscale context for a whole pass; every frame must still come out
+    exactly as its own fresh conversion would."""
+    import av
+
+    rgb = video._ToRGB((40, 30), rotation)
+    with av.open(str(clip(name))) as c:
+        for frame in c.decode(video=0):
+            w, h = (40, 30) if rotation in (0, 180) else (30, 40)
+            fresh = video._upright(frame.to_ndarray(format="rgb24", width=w, height=h,
+                                                    interpolation="AREA"), rotation)
+            assert np.array_equal(rgb(frame), fresh)
+
+
 # --------------------------------------------------------------------------- iter_frames
 
 
