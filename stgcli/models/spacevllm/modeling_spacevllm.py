@@ -280,41 +280,35 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     @torch.no_grad()
     def answer_log_likelihood(self, past, attention_mask: torch.Tensor, last_hidden: torch.Tensor,
-                              candidates: list[list[int]], max_cached_tokens: int = 16384) -> torch.Tensor:
+                              candidates: list[list[int]]) -> torch.Tensor:
         """Sum of log-probabilities of each candidate answer after the prompt whose cache is `past`
-        (batch 1; `last_hidden` (1, D) is the prompt's last hidden state).
+        (batch 1; `last_hidden` (1, D) is the prompt's last hidden state). `past` is left as it was.
 
-        Candidates are scored in batches whose copies of the prompt cache hold at most
-        `max_cached_tokens` tokens together: the tiny model scores all 8 at once, while a 64-frame 7B
-        prompt (~13k tokens, ~0.7 GB of cache) is scored one candidate at a time instead of
-        spiking GPU memory by 8 copies. `past` is left as it was given."""
-        group = max(1, min(len(candidates), max_cached_tokens // max(1, attention_mask.shape[1])))
-        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
-        return torch.cat([self._score_group(past, attention_mask, first, candidates[i:i + group])
-                          for i in range(0, len(candidates), group)])
-
-    def _score_group(self, past, attention_mask: torch.Tensor, first: torch.Tensor,
-                     candidates: list[list[int]]) -> torch.Tensor:
-        k, n = len(candidates), max(len(c) for c in candidates)
+        All candidates are scored in one pass of batch 1: their tokens follow the prompt side by
+        side, each attending to the prompt and to its own earlier tokens only (a block-causal 4D
+        mask; each candidate's positions restart right after the prompt). The prompt's cache is
+        never copied: batching K candidates the usual way would repeat it K times (~6 GB for a
+        64-frame 7B prompt), and on CPU the copies cost more than the scoring."""
         dev = attention_mask.device
-        pad = self.config.text_config.pad_token_id or 0
-        ids = torch.full((k, n), pad, dtype=torch.long, device=dev)
-        valid = torch.zeros((k, n), dtype=torch.bool, device=dev)
-        for i, c in enumerate(candidates):
-            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long, device=dev)
-            valid[i, :len(c)] = True
-        total = first[ids[:, 0]]
-        if n == 1:
+        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
+        total = first[torch.tensor([c[0] for c in candidates], device=dev)]
+        inputs = [c[:-1] for c in candidates]  # token j of a candidate predicts its token j + 1
+        if not any(inputs):
             return total
-        # Right padding only: a pad never precedes a scored token, so it changes no score.
-        if k > 1:
-            past.batch_repeat_interleave(k)
-        mask = torch.cat([attention_mask.expand(k, -1), valid[:, :-1].to(attention_mask.dtype)], 1)
-        out = self.model.language_model(input_ids=ids[:, :-1], attention_mask=mask, past_key_values=past,
+        owner = torch.tensor([i for i, x in enumerate(inputs) for _ in x], device=dev)
+        pos = torch.tensor([j for x in inputs for j in range(len(x))], device=dev)
+        ids = torch.tensor([t for x in inputs for t in x], device=dev)
+        n_prompt = attention_mask.shape[1]
+        sees = torch.cat([attention_mask[0].bool().expand(len(ids), -1),
+                          (owner[:, None] == owner[None, :]) & (pos[:, None] >= pos[None, :])], 1)
+        dtype = self.model.language_model.embed_tokens.weight.dtype
+        dtype = dtype if dtype.is_floating_point else torch.float16  # quantized embeddings
+        mask = torch.zeros(sees.shape, dtype=dtype, device=dev).masked_fill_(~sees, torch.finfo(dtype).min)
+        out = self.model.language_model(input_ids=ids[None], attention_mask=mask[None, None],
+                                        position_ids=(n_prompt + pos)[None], past_key_values=past,
                                         use_cache=True)
-        past.crop(-(n - 1))  # back to the prompt alone
-        if k > 1:
-            past.batch_select_indices(torch.zeros(1, dtype=torch.long, device=dev))
-        logp = torch.log_softmax(self.lm_head(out.last_hidden_state).float(), -1)
-        tok = logp.gather(-1, ids[:, 1:, None])[..., 0]
-        return total + (tok * valid[:, 1:]).sum(1)
+        past.crop(-len(ids))  # back to the prompt alone
+        logp = torch.log_softmax(self.lm_head(out.last_hidden_state[0]).float(), -1)
+        targets = torch.tensor([t for c in candidates for t in c[1:]], device=dev)
+        tok = logp.gather(-1, targets[:, None])[:, 0]
+        return total.index_add(0, owner, tok)
