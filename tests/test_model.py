@@ -56,6 +56,21 @@ def test_prompt_interleaves_frames_and_queries(small):
     assert proc.tokenizer.decode(sentence) == "the red circle"
 
 
+def test_encode_video_patches_are_the_projected_selected_layer(small):
+    """The space decoder's patches are the projector's output on the configured vision layer
+    (caught on transformers' own pass), one row per frame."""
+    model, proc = small
+    model.eval()
+    (_, _, pix, _), _ = prompt_inputs(proc, step=0)
+    with torch.no_grad():
+        out, patches = model.encode_video(pix)
+        hs = model.model.vision_tower(pix.flatten(0, 1), output_hidden_states=True).hidden_states
+        want = model.model.multi_modal_projector(hs[model.config.vision_feature_layer])
+    assert patches.shape == (1, pix.shape[1]) + want.shape[1:]
+    torch.testing.assert_close(patches[0], want)
+    assert out.pooler_output.shape[0] == 1
+
+
 def test_forward_backward_and_losses(small):
     model, proc = small
     batch = make_batch(small_cfg(), proc, step=0)

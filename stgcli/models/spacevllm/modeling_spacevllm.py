@@ -152,10 +152,15 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """Run the vision tower once; return transformers' video features (pooled, for the LLM) and
         the un-pooled projected patch features of every frame (B, F, P, D) for the space decoder."""
         b, f = pixel_values_videos.shape[:2]
-        out = self.model.get_video_features(pixel_values_videos, return_dict=True, output_hidden_states=True)
-        layer = self.config.vision_feature_layer
-        selected = out.hidden_states[layer]
-        patches = self.model.multi_modal_projector(selected)
+        # transformers projects every patch and then pools; keep the projected patches on the
+        # way past instead of running the projector a second time.
+        seen = []
+        hook = self.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        try:
+            out = self.model.get_video_features(pixel_values_videos, return_dict=True)
+        finally:
+            hook.remove()
+        patches = seen[-1]
         return out, patches.view(b, f, patches.shape[1], patches.shape[2])
 
     # -- forward -------------------------------------------------------------------------------
