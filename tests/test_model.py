@@ -71,6 +71,26 @@ def test_encode_video_patches_are_the_projected_selected_layer(small):
     assert out.pooler_output.shape[0] == 1
 
 
+def test_encode_video_in_concurrent_threads_keeps_each_clips_patches(small):
+    """Two threads encoding different clips at once must each get their own patches back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    model, proc = small
+    model.eval()
+    clips = [prompt_inputs(proc, step=s)[0][2] for s in range(4)]
+    with torch.no_grad():
+        want = [model.encode_video(c)[1] for c in clips]
+
+        def run(i):
+            return [model.encode_video(clips[i])[1] for _ in range(10)]
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(run, range(4)))
+    for i in range(4):
+        for g in got[i]:
+            torch.testing.assert_close(g, want[i])
+
+
 def test_forward_backward_and_losses(small):
     model, proc = small
     batch = make_batch(small_cfg(), proc, step=0)

@@ -13,6 +13,7 @@ Vision and language run entirely through transformers' LlavaOnevisionForConditio
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -153,9 +154,15 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         the un-pooled projected patch features of every frame (B, F, P, D) for the space decoder."""
         b, f = pixel_values_videos.shape[:2]
         # transformers projects every patch and then pools; keep the projected patches on the
-        # way past instead of running the projector a second time.
-        seen = []
-        hook = self.model.multi_modal_projector.register_forward_hook(lambda _m, _i, out: seen.append(out))
+        # way past instead of running the projector a second time. Only this thread's: the model
+        # may be running other clips in other threads at the same time (stg batch on CPU does).
+        seen, me = [], threading.get_ident()
+
+        def keep(_module, _inputs, out):
+            if threading.get_ident() == me:
+                seen.append(out)
+
+        hook = self.model.multi_modal_projector.register_forward_hook(keep)
         try:
             out = self.model.get_video_features(pixel_values_videos, return_dict=True)
         finally:
