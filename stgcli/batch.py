@@ -1,8 +1,9 @@
 """`stg batch`: many (video, query) pairs, one model load, append-only resumable JSONL.
 
-Decoding runs ahead in worker threads through a bounded window of futures, so the model
-rarely waits and memory stays flat however many videos there are. Each result line is written
-whole, flushed and fsynced before the next starts; a rerun skips pairs already in the output.
+Clips run side by side in worker threads through a bounded window of futures, decoding ahead
+of the model, so the model rarely waits and memory stays flat however many videos there are.
+Each result line is written whole, flushed and fsynced before the next starts; a rerun skips
+pairs already in the output.
 """
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ import csv
 import json
 import os
 import sys
+import threading
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -81,15 +83,16 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]
 
 
 @contextmanager
-def _cores_for_decoding(device: str, workers: int):
-    """On CPU, leave the decode workers their cores: torch's intra-op threads competing with them
-    made the whole batch slower (2 cores, 2 workers: 0.237 s/clip with torch on 2 threads,
-    0.203 s on 1). Restored afterwards, so a library caller's setting survives."""
+def _cores_per_clip(device: str, threads: int):
+    """On CPU, share the cores among the clips in flight: `threads` clips run torch at once, and
+    each one's OpenMP team competing with the others for the same cores made the whole batch
+    slower (2 cores: 0.237 s/clip with torch on 2 threads, 0.203 s on 1). Restored afterwards,
+    so a library caller's setting survives."""
     import torch
 
     before = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) // threads)))
     try:
         yield
     finally:
@@ -107,8 +110,9 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     as `stg eval`, from `items`: (video, query) or (video, query, start_s, end_s) tuples, the
     window limiting where the model looks. Either way a pair is identified by (video, query):
     that is what resume skips, and the first window given for a pair is the one used.
-    `workers` threads decode ahead (PyAV and decord release the GIL while decoding); at most
-    `workers + 2` decoded clips wait for the model, so memory does not grow with the batch.
+    `workers + 1` threads take clips from decode to result (PyAV and torch release the GIL while
+    they work): `workers` decode ahead while one is in the model. At most `workers + 3` clips are
+    in flight, so memory does not grow with the batch.
     """
     from tqdm import tqdm
 
@@ -136,34 +140,40 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
                                                                      span_decoding=span_decoding)
     n_ok = n_failed = 0
 
-    def prep(item):
-        try:
-            # one decoder thread per clip: the workers are the parallelism (14% less CPU per clip)
-            return prepare(loaded, item[0], item[1], frames, item[2], item[3], threads=1), None
-        except Exception as e:  # one bad file must not stop ten thousand others
-            return None, e
+    # Each clip goes from decode to result in one pool thread; the main thread only writes, in input
+    # order. On CPU the model runs in several threads at once (torch on one intra-op thread each,
+    # see _cores_per_clip): clips then fill both cores whatever mix of decoding and model
+    # work is pending, which a model confined to the main thread could not (it left a core idle
+    # while it ran). On a GPU one clip at a time holds the model; the other threads decode ahead.
+    model_turn = threading.Lock() if loaded.device != "cpu" else nullcontext()
 
+    def work(item):
+        try:
+            # one decoder thread per clip: the pool is the parallelism (14% less CPU per clip)
+            data = prepare(loaded, item[0], item[1], frames, item[2], item[3], threads=1)
+        except Exception as e:  # one bad file must not stop ten thousand others
+            return error_result(item[0], item[1], e, str(e)), False
+        with model_turn:
+            return ground_prepared(loaded, data, item[0]), True
+
+    threads = workers + 1  # one clip in the model while `workers` others decode
     bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    with writer, ThreadPoolExecutor(max_workers=workers) as pool, _cores_for_decoding(loaded.device, workers):
+    with writer, ThreadPoolExecutor(max_workers=threads) as pool, _cores_per_clip(loaded.device, threads):
         window: deque = deque()
         it = iter(todo)
-        for item in it:  # keep a few clips decoded ahead, never more
-            window.append((item, pool.submit(prep, item)))
-            if len(window) >= workers + 2:
+        for item in it:  # keep a few clips in flight, never more
+            window.append(pool.submit(work, item))
+            if len(window) >= threads + 2:
                 break
         while window:
-            item, fut = window.popleft()
+            fut = window.popleft()
             nxt = next(it, None)
             if nxt is not None:
-                window.append((nxt, pool.submit(prep, nxt)))
-            data, err = fut.result()
-            if err is not None:
-                res = error_result(item[0], item[1], err, str(err))
-                n_failed += 1
-            else:
-                res = ground_prepared(loaded, data, item[0])
-                n_ok += 1
+                window.append(pool.submit(work, nxt))
+            res, ok = fut.result()
+            n_ok += ok
+            n_failed += not ok
             writer.append(res)
             bar.update(1)
     bar.close()

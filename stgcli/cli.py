@@ -155,7 +155,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 @click.option("--query", default=None, help="One query for every video of a folder.")
 @_model_options
 @click.option("--workers", type=int, default=2, show_default=True,
-              help="Threads decoding clips ahead of the model.")
+              help="Clips decoding ahead of the one in the model (on CPU the model runs in these threads too).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")

@@ -149,3 +149,35 @@ def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, cap
                        "--workers", "0")
     assert_user_error(code, err, "--workers 0")
     assert not (tmp_path / "w.jsonl").exists()
+
+
+@pytest.mark.parametrize("device,most", [("cpu", 3), ("cuda:0", 1)])
+def test_model_runs_side_by_side_on_cpu_and_one_at_a_time_on_gpu(folder, tmp_path, model, monkeypatch,
+                                                                   device, most):
+    """On CPU clips share the cores inside the model too; on a GPU a second clip in the model
+    would only add its activations to GPU memory, so clips take turns (and keep decoding)."""
+    import dataclasses
+    import threading
+
+    from stgcli import pipeline
+
+    active, peak, lock = [0], [0], threading.Lock()
+    real = pipeline.ground_prepared
+
+    def ground_prepared(loaded, data, video):
+        with lock:
+            active[0] += 1
+            peak[0] = max(peak[0], active[0])
+        time.sleep(0.2)  # long enough for every thread of the pool to arrive
+        with lock:
+            active[0] -= 1
+        return real(model, data, video)  # the real (CPU) model does the work
+
+    for i in range(6):
+        shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
+    monkeypatch.setattr(pipeline, "ground_prepared", ground_prepared)
+    loaded = dataclasses.replace(model, device=device)
+    out = tmp_path / "r.jsonl"
+    assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (9, 0, 0)
+    assert peak[0] == most
+    assert len(lines(out)) == 9
