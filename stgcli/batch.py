@@ -82,6 +82,12 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]
     return out
 
 
+def default_workers() -> int:
+    """One decoding clip per core beyond the first, at most 4. On 2 cores 1 beat 2 in paired runs
+    (benchmarks/RESULTS.md): a third thread only adds contention there."""
+    return max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
 @contextmanager
 def _cores_per_clip(device: str, threads: int):
     """On CPU, share the cores among the clips in flight: `threads` clips run torch at once, and
@@ -101,7 +107,8 @@ def _cores_per_clip(device: str, threads: int):
 
 def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
-              progress: bool = True, workers: int = 2, allow_pickle: bool = False, span_decoding: str = "joint", *,
+              progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
+              span_decoding: str = "joint", *,
               items=None,
               desc: str = "batch") -> tuple[int, int, int]:
     """Ground every pair; returns (succeeded, failed, skipped as already done).
@@ -112,7 +119,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     that is what resume skips, and the first window given for a pair is the one used.
     `workers + 1` threads take clips from decode to result (PyAV and torch release the GIL while
     they work): `workers` decode ahead while one is in the model. At most `workers + 3` clips are
-    in flight, so memory does not grow with the batch.
+    in flight, so memory does not grow with the batch. Default: `default_workers()`.
     """
     from tqdm import tqdm
 
@@ -121,6 +128,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     from .weights import LoadedModel, load_model
 
     check_frames(frames)
+    workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
     if items is None:

@@ -154,7 +154,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
               help="JSONL output; one stg.grounding/v1 line per (video, query). Appended to, never rewritten.")
 @click.option("--query", default=None, help="One query for every video of a folder.")
 @_model_options
-@click.option("--workers", type=int, default=2, show_default=True,
+@click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4",
               help="Clips decoding ahead of the one in the model (on CPU the model runs in these threads too).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")

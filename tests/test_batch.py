@@ -181,3 +181,11 @@ def test_model_runs_side_by_side_on_cpu_and_one_at_a_time_on_gpu(folder, tmp_pat
     assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (9, 0, 0)
     assert peak[0] == most
     assert len(lines(out)) == 9
+
+
+@pytest.mark.parametrize("cores,want", [(None, 1), (1, 1), (2, 1), (3, 2), (16, 4)])
+def test_default_workers_follow_the_cores(monkeypatch, cores, want):
+    from stgcli import batch
+
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: cores)
+    assert batch.default_workers() == want
