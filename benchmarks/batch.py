@@ -275,10 +275,10 @@ def main() -> None:
                f"`stg --help` {helps:.2f} s ({'meets' if helps < 1 else 'misses'} < 1 s)")
     costs = (f"CPU per clip, measured alone: stg decode {own_decode:.3f} s, model {own_model:.3f} s (1 thread); "
              f"on {cores} cores no schedule beats max(decode, model, (decode + model) / cores) = {floor:.3f} s, "
-             f"a ratio of {floor / base:.2f} to the median decord loop ({base:.3f} s). But two busy cores slow "
-             f"each other here: the model takes {model_busy:.3f} CPU s per clip while another process decodes "
-             f"({model_busy / own_model - 1:+.0%})" + (", so that floor is not reachable on this machine."
-                                                        if model_busy > 1.1 * own_model else "."))
+             f"a ratio of {floor / base:.2f} to the median decord loop ({base:.3f} s). While another process "
+             f"decodes, the model takes {model_busy:.3f} CPU s per clip ({model_busy / own_model - 1:+.0%})"
+             + (": two busy cores slow each other here, so that floor is not reachable on this machine."
+                if model_busy > 1.1 * own_model else "."))
     text = "\n".join(lines)
     print(text)
     print(costs)

@@ -83,8 +83,9 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]
 
 
 def default_workers() -> int:
-    """One decoding clip per core beyond the first, at most 4. On 2 cores 1 beat 2 in paired runs
-    (benchmarks/RESULTS.md): a third thread only adds contention there."""
+    """One clip decoding ahead per core beyond the first, at most 4 (a window of a few clips is
+    enough to keep the model fed). On 2 cores, 1 and 2 were within this VM's noise of each
+    other in paired runs (benchmarks/RESULTS.md)."""
     return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
