@@ -361,8 +361,9 @@ def plot(path: str | os.PathLike[str], scores: Sequence[SampleScore], title: str
     fig.suptitle(title or (f"n={m['n']}  m_tIoU={m['m_tIoU']:.3f}  m_vIoU={m['m_vIoU']:.3f}  "
                            f"vIoU@0.3={m['vIoU@0.3']:.3f}  vIoU@0.5={m['vIoU@0.5']:.3f}"))
     fig.tight_layout()
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(p, dpi=100)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    return p
+    from .result import write_bytes_atomic
+
+    return write_bytes_atomic(path, png.getvalue())  # an interrupted run leaves the old plot whole

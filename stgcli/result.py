@@ -704,6 +704,11 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """`write_bytes_atomic` of the UTF-8 text."""
+    return write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Readers see the old file or the whole new one: a temp file in the target's directory
     (same filesystem, so the rename is atomic) is fsynced and `os.replace`d over the target,
     then the directory is fsynced. On failure the temp file goes and the old target stays.
@@ -711,7 +716,6 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    data = text.encode("utf-8")
     mode = _new_file_mode(target)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     try:

@@ -476,3 +476,27 @@ def test_vidstg_summary_splits_sentence_types(tmp_path, capsys):
     assert "1 sample had no prediction" in err
     rows = list(csv.DictReader(open(tmp_path / "s.csv")))
     assert [r["qtype"] for r in rows] == ["declarative", "interrogative"]
+
+
+def test_plot_failing_midway_leaves_the_old_png_whole(tmp_path, monkeypatch):
+    """--plot writes atomically: a render that fails keeps the previous file and leaves no temp."""
+    import matplotlib.figure
+
+    from stgcli.annotations import Sample
+    from stgcli.evaluate import SampleScore, plot
+
+    scores = [SampleScore(Sample("a.mp4", "the red circle", (0, 4)), 0.8, 0.5, (0, 4), "ok"),
+              SampleScore(Sample("b.mp4", "the blue square", (2, 6)), 0.4, 0.1, (3, 9), "ok")]
+    png = plot(tmp_path / "p.png", scores)
+    before = png.read_bytes()
+    assert before[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def broken(self, fname, **kw):
+        fname.write(b"\x89PNG half a picture")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        plot(tmp_path / "p.png", scores[:1])
+    assert png.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
