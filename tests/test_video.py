@@ -315,7 +315,7 @@ def test_decode_skips_unreferenced_frames_but_never_kept_ones(clip, name):
 def test_sampling_with_skipped_frames_is_bit_exact(clip, name, threads):
     """Every sampled frame (referenced or not) equals the same frame from a full decode."""
     full = {i: f for i, _, f in video.iter_frames(clip(name), size=(64, 48))}
-    for n in (5, 13):
+    for n in (3, 5, 13):  # 3 of 40-90 frames: the reader seeks past whole GOPs
         s = video.sample_frames(clip(name), n, size=(64, 48), backend="pyav", threads=threads)
         assert s.indices.tolist() == video.sample_indices(len(full), n).tolist() and s.warnings == []
         assert codes(s.frames) == s.indices.tolist()
