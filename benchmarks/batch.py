@@ -120,13 +120,30 @@ def _rss_kib(pid: int) -> tuple[int, int]:
     return vals.get("VmRSS", 0), vals.get("VmHWM", 0)
 
 
-def run_batch(manifest: Path, n: int, workers: int, tmp: Path) -> dict:
+# `stg batch` with the model's forward replaced by an empty answer: what the batch costs when the
+# model is free (as with a GPU doing it), i.e. decode, preprocess, result building and writing.
+_NO_MODEL = r"""
+import sys
+import numpy as np
+from stgcli import pipeline
+from stgcli.cli import cli
+
+def no_model(loaded, prep):
+    f = len(prep["sampled"].indices)
+    return "", np.zeros((f, 4), np.float32), np.zeros(f, np.float32), 0.0
+
+pipeline.run_model = no_model
+cli(sys.argv[1:])
+"""
+
+
+def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True) -> dict:
     """Run `stg batch` in a subprocess and timestamp every result line as it lands."""
     out = tmp / "results.jsonl"
     if out.exists():
         out.unlink()
-    cmd = [PY, "-m", "stgcli", "batch", str(manifest), "--out", str(out), "--device", "cpu",
-           "--workers", str(workers)]
+    args = ["batch", str(manifest), "--out", str(out), "--device", "cpu", "--workers", str(workers)]
+    cmd = [PY, "-m", "stgcli", *args] if model else [PY, "-c", _NO_MODEL, *args]
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stamps: list[float] = []
@@ -248,6 +265,12 @@ def main() -> None:
             r = run_batch(manifest, args.n, w, tmp)
             r.update(repeat=rep, decord_s_per_clip=base, ratio=r["steady_s_per_clip"] / base)
             runs.append(r)
+    free = []  # the same pairing, with the model's forward taken out
+    for rep in range(args.repeat):
+        base = decord_baseline(paths, frames, size)
+        r = run_batch(manifest, args.n, args.workers[-1], tmp, model=False)
+        r.update(repeat=rep, decord_s_per_clip=base, ratio=r["steady_s_per_clip"] / base)
+        free.append(r)
     cold = cold_start(tmp)
     helps = help_latency()
 
@@ -260,6 +283,11 @@ def main() -> None:
                      f"{r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
                      f"{r['startup_s']:.2f} | {r['peak_rss_mib_at_10']:.0f} | {r['peak_rss_mib_at_n']:.0f} | "
                      f"{100 * r['rss_growth']:+.1f}% |")
+    for r in free:
+        lines.append(f"| stg batch --workers {r['workers']}, model forward taken out (run {r['repeat'] + 1}) | "
+                     f"{r['decord_s_per_clip']:.3f} | {r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
+                     f"{r['startup_s']:.2f} | | | |")
+    free_ratio = statistics.median(r["ratio"] for r in free)
     medians = {w: statistics.median(r["ratio"] for r in runs if r["workers"] == w) for w in args.workers}
     best_w = min(medians, key=medians.get)
     best = dict(min((r for r in runs if r["workers"] == best_w), key=lambda r: abs(r["ratio"] - medians[best_w])),
@@ -279,6 +307,9 @@ def main() -> None:
              f"decodes, the model takes {model_busy:.3f} CPU s per clip ({model_busy / own_model - 1:+.0%})"
              + (": two busy cores slow each other here, so that floor is not reachable on this machine."
                 if model_busy > 1.1 * own_model else "."))
+    costs += (f" With the model's forward taken out (an empty answer instead), the same pipeline (decode, "
+              f"preprocess, results, fsynced lines) runs at a median ratio of {free_ratio:.2f}: what is left "
+              "above that is the model's CPU time.")
     text = "\n".join(lines)
     print(text)
     print(costs)
@@ -293,7 +324,7 @@ def main() -> None:
            "repeat": args.repeat, "best_workers": best_w, "median_ratio": medians,
            "decord_s_per_clip_median": base, "stg_decode_cpu_s": own_decode, "model_cpu_s": own_model,
            "model_cpu_s_while_decoding": model_busy,
-           "floor_s_per_clip": floor, "runs": runs, "cold_start": cold, "help_s": helps}
+           "floor_s_per_clip": floor, "runs": runs, "runs_model_forward_taken_out": free, "cold_start": cold, "help_s": helps}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
     write_section("## Batch", (
