@@ -277,6 +277,51 @@ def test_constrained_ground_returns_the_best_scored_candidate(small):
     assert tokens == cands[int(lm.argmax())]
 
 
+def test_local_softmax_keeps_the_window_around_the_best_patch():
+    from stgcli.models.spacevllm.modeling_spacevllm import _local_softmax, _patch_centres
+
+    grid = 6
+    logits = torch.full((1, grid * grid), -2.0)
+    logits[0, 1 * grid + 1] = 5.0   # object A at (1, 1)
+    logits[0, 4 * grid + 4] = 4.9   # object B at (4, 4), nearly as likely
+    logits[0, 1 * grid + 2] = 3.0   # A's right neighbour
+    local = _local_softmax(logits, grid, 1)
+    keep = torch.zeros(grid * grid, dtype=torch.bool)
+    for y in range(0, 3):
+        for x in range(0, 3):
+            keep[y * grid + x] = True
+    assert torch.all(local[0, ~keep] == 0) and float(local.sum()) == pytest.approx(1.0)
+    torch.testing.assert_close(local[0, keep], logits[0, keep].softmax(-1))
+    centres = _patch_centres(grid, "cpu", torch.float32)
+    on_a = (local @ centres)[0]
+    between = (logits.softmax(-1) @ centres)[0]
+    a, b = centres[1 * grid + 1], centres[4 * grid + 4]
+    assert torch.dist(on_a, a) < 0.5 / grid  # on A (pulled a little towards its neighbour)
+    assert torch.dist(between, a) > 1 / grid and torch.dist(between, b) > 1 / grid  # on neither
+
+
+def test_point_window_applies_at_inference_only(small):
+    """Training averages over the whole grid (every patch gets gradient); inference keeps the
+    window around the best patch, and -1 restores the whole grid."""
+    model, proc = small
+    args, _ = prompt_inputs(proc, step=3)
+    dec = model.space_decoder
+    assert model.config.point_window == dec.window == 1
+    with torch.no_grad():
+        model.train()
+        trained = model.ground_forward(*args)[0].boxes
+        model.eval()
+        local = model.ground_forward(*args)[0].boxes
+        dec.window = -1
+        try:
+            whole = model.ground_forward(*args)[0].boxes
+        finally:
+            dec.window = 1
+    torch.testing.assert_close(whole, trained)  # no dropout: only the window differs
+    assert not torch.allclose(local[..., :2], whole[..., :2])  # centres move
+    torch.testing.assert_close(local[..., 2:], whole[..., 2:])  # sizes do not
+
+
 def test_centre_patch_indexes_the_grid_row_major():
     from stgcli.models.spacevllm.modeling_spacevllm import _centre_patch
 

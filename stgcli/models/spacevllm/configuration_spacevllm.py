@@ -24,6 +24,10 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         tokens' hidden states after this layer (0: off) go through the final norm and the presence
         head and get the presence BCE, so the frames' in-span state forms early enough for later
         layers to carry it into the written answer. Training only; no extra weights.
+    point_window: at inference, the box centre is the soft-argmax of the pointing scores over the
+        (2r+1) x (2r+1) patches around the best one, not over the whole grid: when two objects
+        both score, the whole-grid average lands between them, on neither. -1: the whole grid.
+        Training always uses the whole grid (every patch gets gradient). No extra weights.
     """
 
     model_type = "spacevllm"
@@ -43,6 +47,7 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     point_weight: float = 0.0
     mid_presence_layer: int = 0
     mid_presence_weight: float = 0.0
+    point_window: int = 1
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,

@@ -57,6 +57,7 @@ class SpaceDecoder(nn.Module):
         d = config.decoder_hidden_size
         grid = config.vision_config.image_size // config.vision_config.patch_size
         self.grid = grid
+        self.window = config.point_window
         self.visual_proj = nn.Linear(d_llm, d)
         self.text_proj = nn.Linear(d_llm, d)
         self.query_proj = nn.Linear(d_llm, d)
@@ -91,7 +92,8 @@ class SpaceDecoder(nn.Module):
         q = self.norm(q[:, 0])
         logits = torch.einsum("nd,npd->np", self.point_q(q), self.point_k(v)) / math.sqrt(q.shape[-1])
         attn = logits.softmax(-1)
-        centre = attn @ _patch_centres(self.grid, attn.device, attn.dtype)
+        centre_attn = attn if self.training or self.window < 0 else _local_softmax(logits, self.grid, self.window)
+        centre = centre_attn @ _patch_centres(self.grid, attn.device, attn.dtype)
         pointed = torch.einsum("np,npd->nd", attn, v)
         out = self.box_head(torch.cat([q, pointed], -1))
         cxcy = (centre + torch.tanh(out[:, :2]) / self.grid).clamp(0, 1)
@@ -107,6 +109,15 @@ def _patch_centres(grid: int, device, dtype) -> torch.Tensor:
     meta-device loading."""
     ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij")
     return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).to(dtype)
+
+
+def _local_softmax(logits: torch.Tensor, grid: int, radius: int) -> torch.Tensor:
+    """Softmax of (N, grid*grid) row-major patch scores restricted to the (2r+1)^2 patches around
+    each row's best patch: a soft-argmax over it stays on one object (local soft-argmax)."""
+    best = logits.argmax(-1, keepdim=True)
+    idx = torch.arange(grid * grid, device=logits.device)
+    near = (((idx // grid) - best // grid).abs() <= radius) & (((idx % grid) - best % grid).abs() <= radius)
+    return logits.masked_fill(~near, float("-inf")).softmax(-1)
 
 
 def _centre_patch(xyxy: torch.Tensor, grid: int) -> torch.Tensor:
