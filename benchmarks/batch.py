@@ -66,9 +66,10 @@ def decord_baseline(paths: list[Path], frames: int, size: int) -> float:
 _DECODE_LOOP = r"""
 import sys
 from stgcli.video import sample_frames
+frames, size = int(sys.argv[1]), int(sys.argv[2])
 while True:
-    for p in sys.argv[1:]:
-        sample_frames(p, 16, size=(128, 128), threads=1)
+    for p in sys.argv[3:]:
+        sample_frames(p, frames, size=(size, size), threads=1)
 """
 
 
@@ -94,7 +95,9 @@ def standalone_costs(paths: list[Path]) -> tuple[float, float, float]:
         for prep in preps:
             run_model(m, prep)
         model = (time.process_time() - t0) / len(paths)
-        loop = subprocess.Popen([PY, "-c", _DECODE_LOOP, *map(str, paths)], stderr=subprocess.DEVNULL)
+        s = m.processor.settings.image_size
+        loop = subprocess.Popen([PY, "-c", _DECODE_LOOP, str(m.default_frames), str(s), *map(str, paths)],
+                                stderr=subprocess.DEVNULL)
         try:
             time.sleep(2.0)  # its imports done, decoding
             t0 = time.process_time()
@@ -258,19 +261,15 @@ def main() -> None:
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
     # 0.128 s/clip in two runs an hour apart), so each stg run is paired with a decord loop measured
     # right before it, and every pairing is repeated: the ratio of a pair is what is compared.
-    runs = []
-    for rep in range(args.repeat):
-        for w in args.workers:
-            base = decord_baseline(paths, frames, size)
-            r = run_batch(manifest, args.n, w, tmp)
-            r.update(repeat=rep, decord_s_per_clip=base, ratio=r["steady_s_per_clip"] / base)
-            runs.append(r)
-    free = []  # the same pairing, with the model's forward taken out
-    for rep in range(args.repeat):
+    def paired(rep: int, workers: int, model: bool = True) -> dict:
         base = decord_baseline(paths, frames, size)
-        r = run_batch(manifest, args.n, args.workers[-1], tmp, model=False)
+        r = run_batch(manifest, args.n, workers, tmp, model=model)
         r.update(repeat=rep, decord_s_per_clip=base, ratio=r["steady_s_per_clip"] / base)
-        free.append(r)
+        return r
+
+    runs = [paired(rep, w) for rep in range(args.repeat) for w in args.workers]
+    # the same pairing, with the model's forward taken out
+    free = [paired(rep, args.workers[-1], model=False) for rep in range(args.repeat)]
     cold = cold_start(tmp)
     helps = help_latency()
 

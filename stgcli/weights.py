@@ -522,7 +522,6 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     from transformers.utils import logging as hf_logging
 
     from .models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
-
     from .pipeline import check_span_decoding
 
     check_span_decoding(span_decoding)

@@ -206,7 +206,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         query_h = hidden[qmask].view(b, f, -1)
         text_h, text_pad = self._sentence_states(hidden, text_mask)
         boxes, presence, point_logits = self.space_decoder(query_h.reshape(b * f, -1), patches.flatten(0, 1),
-                                             text_h.repeat_interleave(f, 0), text_pad.repeat_interleave(f, 0))
+                                                           text_h.repeat_interleave(f, 0),
+                                                           text_pad.repeat_interleave(f, 0))
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
@@ -275,7 +276,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         With `answer_candidates`, a callable (presence (F,)) -> (list of answer token-id lists,
         prior log-scores (K,)), decoding is constrained to those answers: each gets the language
         model's log-likelihood plus its prior, and the best one is returned (all K are scored in one
-        batched pass over the cached prompt).
+        pass over the cached prompt, see `answer_log_likelihood`).
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
