@@ -21,6 +21,7 @@ import math
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from fractions import Fraction
 from pathlib import Path
 
@@ -97,6 +98,11 @@ class _Scan:
         if self.info.vfr:
             return (self.pts - self.pts[0]).astype(np.float64) * float(self.time_base)
         return np.arange(self.info.num_frames, dtype=np.float64) / self.info.fps
+
+    @cached_property
+    def index_of_pts(self) -> dict[int, int]:
+        """pts -> frame index, built once per scan (a seeking read looks it up after every seek)."""
+        return {int(p): i for i, p in enumerate(self.pts)}
 
     def key_before(self, index: int) -> int:
         """Index of the last keyframe at or before `index` (decoding must start there)."""
@@ -214,7 +220,7 @@ def _indexed(container, stream, scan: _Scan, seek_index: int | None = None,
                 return
             yield i, frame
         return
-    lookup = {int(p): i for i, p in enumerate(scan.pts)}
+    lookup = scan.index_of_pts
     seek = scan.pts[seek_index] if seek_index else None  # frame 0: decode from the start
     # Only where packet pts are the pictures' own (an index-carrying container): elsewhere a
     # wanted picture could sit in a packet whose parser-guessed pts is not the frame's.
