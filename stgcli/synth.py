@@ -149,8 +149,13 @@ def _sample_object(rng, w: int, h: int, duration: float, shape: str, colour: str
     raise RuntimeError("could not place object")  # pragma: no cover - the loop always finds one
 
 
-def sample_clip(rng: np.random.Generator, seed: int = 0) -> ClipSpec:
-    """Draw one clip spec: sizes, timing, background, objects, target and query, per the spec."""
+def sample_clip(rng: np.random.Generator, seed: int = 0, twin_prob: float = 0.3,
+                shared_prob: float = 0.7) -> ClipSpec:
+    """Draw one clip spec: sizes, timing, background, objects, target and query, per the spec.
+
+    twin_prob: chance of a twin (same colour and shape, other motion); shared_prob: chance that
+    the first distractor shares the target's colour or shape (the spec asks for at least half).
+    Training may raise both to see more of the hard cases; `stg synth` keeps the defaults."""
     w, h = _sample_size(rng)
     fps = float(rng.integers(10, 31)) if rng.random() < 0.85 else float(rng.choice([23.976, 29.97, 12.5, 15.0]))
     duration = float(rng.uniform(3.0, 12.0))
@@ -168,10 +173,10 @@ def sample_clip(rng: np.random.Generator, seed: int = 0) -> ClipSpec:
     t_shape, t_colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
     t_motion = str(rng.choice(MOTIONS))
     specs = [(t_shape, t_colour, t_motion)]
-    twin = n_obj >= 2 and rng.random() < 0.3
+    twin = n_obj >= 2 and rng.random() < twin_prob
     if twin:
         specs.append((t_shape, t_colour, str(rng.choice([m for m in MOTIONS if m != t_motion]))))
-    want_shared = rng.random() < 0.7  # spec: at least half of clips share colour or shape with the target
+    want_shared = rng.random() < shared_prob  # spec: at least half of clips share colour or shape with the target
     while len(specs) < n_obj:
         s, c = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
         if want_shared and len(specs) == 1:

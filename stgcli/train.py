@@ -42,6 +42,8 @@ class TrainConfig:
     threads: int = 0                # 0: torch's default
     data_workers: int = 1           # processes drawing clips ahead of the training step
     max_minutes: float = 0.0        # stop (and save) after this long; 0: no limit
+    twin_prob: float = 0.3          # share of clips with a twin of the target (synth.sample_clip)
+    shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
 
     @classmethod
@@ -98,13 +100,37 @@ def _augment(frames: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> 
     return frames
 
 
+def patch_labels(spec, times: np.ndarray, grid: int) -> np.ndarray:
+    """(F, grid*grid, 3) int64: per sampled frame and patch, the colour, shape and motion class
+    (1-based; 0 = background) of the topmost visible object there. A patch belongs to an object
+    when its centre lies in the object's box, and the patch holding the box centre always does
+    (objects can be smaller than a patch). Targets of the dense attribute loss."""
+    from .synth import COLOURS, MOTIONS, SHAPES
+
+    colours = list(COLOURS)
+    centres = (np.arange(grid) + 0.5) / grid
+    out = np.zeros((len(times), grid, grid, 3), np.int64)
+    for o in spec.objects:  # drawing order: later objects cover earlier ones
+        cls = (colours.index(o.colour) + 1, SHAPES.index(o.shape) + 1, MOTIONS.index(o.motion) + 1)
+        for i, t in enumerate(times):
+            if not o.visible(t):
+                continue
+            x1, y1, x2, y2 = np.array(o.box(t)) / [spec.width, spec.height, spec.width, spec.height]
+            cols = (centres >= x1) & (centres <= x2)
+            rows = (centres >= y1) & (centres <= y2)
+            cols[min(max(int((x1 + x2) / 2 * grid), 0), grid - 1)] |= not cols.any()
+            rows[min(max(int((y1 + y2) / 2 * grid), 0), grid - 1)] |= not rows.any()
+            out[i][np.ix_(rows, cols)] = cls
+    return out.reshape(len(times), grid * grid, 3)
+
+
 def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainConfig) -> dict:
     """One training sample: a fresh clip, its sampled frames at model size, and the targets."""
     import cv2
 
     from .synth import render_frame, sample_clip
 
-    spec = sample_clip(rng)
+    spec = sample_clip(rng, twin_prob=cfg.twin_prob, shared_prob=cfg.shared_prob)
     idx = np.unique(np.linspace(0, spec.num_frames - 1, n_frames).round().astype(int))
     times = idx / spec.fps
     s = processor.settings.image_size
@@ -121,8 +147,10 @@ def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainCo
     first, last = np.flatnonzero(in_span)[[0, -1]]
     prompt, text_mask = processor.encode_prompt(spec.query, times)
     answer = processor.encode_answer(times[first], times[last])
+    grid = processor.settings.image_size // processor.settings.patch_size
     return {"pixels": processor.preprocess_frames(frames), "prompt": prompt, "text_mask": text_mask,
-            "answer": answer, "in_span": in_span, "boxes": np.clip(boxes, 0, 1), "spec": spec, "times": times}
+            "answer": answer, "in_span": in_span, "boxes": np.clip(boxes, 0, 1), "spec": spec, "times": times,
+            "patch_labels": patch_labels(spec, times, grid)}
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
@@ -145,7 +173,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": att, "labels": labels, "text_mask": tmask,
             "pixel_values_videos": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
             "gt_boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])),
-            "gt_in_span": torch.from_numpy(np.stack([s["in_span"] for s in samples]))}
+            "gt_in_span": torch.from_numpy(np.stack([s["in_span"] for s in samples])),
+            "patch_labels": torch.from_numpy(np.stack([s["patch_labels"] for s in samples]))}
 
 
 def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
@@ -274,6 +303,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
                "elapsed_s": round(time.time() - t0, 1)}
         if out.point_loss is not None:
             rec["point"] = round(out.point_loss.item(), 4)
+        if out.attr_loss is not None:
+            rec["attr"] = round(out.attr_loss.item(), 4)
         bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
         if (step + 1) % cfg.log_every == 0:
             log.append(rec)

@@ -98,3 +98,18 @@ def test_synth_dataset_writes_h264_and_manifest(tmp_path):
             n = sum(1 for _ in c.decode(st))
         assert n == row["num_frames"]
         assert len(row["boxes"]) == row["span_frames"][1] - row["span_frames"][0] + 1
+
+
+def test_hard_case_rates_are_adjustable_and_default_unchanged():
+    """Training may ask for more twins / shared-attribute distractors; the defaults (what `stg
+    synth` writes) draw exactly the clips they drew before the knobs existed."""
+    def twin_rate(**kw):
+        return np.mean([synth.sample_clip(np.random.default_rng(i), **kw).has_twin for i in range(300)])
+
+    for i in range(20):
+        a = synth.sample_clip(np.random.default_rng(i), seed=i)
+        b = synth.sample_clip(np.random.default_rng(i), seed=i, twin_prob=0.3, shared_prob=0.7)
+        assert a == b
+    assert twin_rate(twin_prob=0.0) == 0
+    assert twin_rate(twin_prob=1.0) == 1
+    assert 0.2 < twin_rate() < 0.4

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -54,3 +55,69 @@ def test_config_errors(tmp_path):
         TrainConfig.from_toml(tmp_path / "none.toml")
     with pytest.raises(UserError, match="no checkpoint"):
         train(small_cfg(out_dir=str(tmp_path / "c")), resume=True, progress=False)
+
+
+def _spec_with(objects, w=160, h=160):
+    from stgcli import synth
+
+    return synth.ClipSpec(w, h, 10.0, 30, synth.Background("uniform"), objects, 0, "the red circle", "plain", False)
+
+
+def _obj(shape, colour, x, y, side, motion="still", t_in=0.0, t_out=3.0):
+    from stgcli import synth
+
+    return synth.ShapeObject(shape, colour, synth.COLOURS[colour], side, motion, 0.0, x, y, t_in, t_out)
+
+
+def test_patch_labels_mark_the_object_under_each_patch():
+    from stgcli.synth import COLOURS, MOTIONS, SHAPES
+    from stgcli.train import patch_labels
+
+    # 4x4 grid of 40 px patches on a 160 px frame; patch centres at 20, 60, 100, 140 px.
+    big = _obj("square", "blue", 10, 10, 100, motion="left")        # covers centres 20, 60, 100
+    small = _obj("circle", "red", 125, 125, 10)                      # no patch centre inside: its centre patch
+    top = _obj("triangle", "green", 50, 50, 20, t_in=1.0)            # drawn last, over `big`, from t = 1
+    lab = patch_labels(_spec_with([big, small, top]), np.array([0.0, 2.0]), 4).reshape(2, 4, 4, 3)
+    blue = (list(COLOURS).index("blue") + 1, SHAPES.index("square") + 1, MOTIONS.index("left") + 1)
+    red = (list(COLOURS).index("red") + 1, SHAPES.index("circle") + 1, MOTIONS.index("still") + 1)
+    green = (list(COLOURS).index("green") + 1, SHAPES.index("triangle") + 1, MOTIONS.index("still") + 1)
+    t0 = {(r, c): tuple(lab[0, r, c]) for r in range(4) for c in range(4)}
+    assert {k for k, v in t0.items() if v == blue} == {(r, c) for r in range(3) for c in range(3)}
+    assert t0[(3, 3)] == red
+    assert sum(v == (0, 0, 0) for v in t0.values()) == 16 - 9 - 1
+    assert tuple(lab[1, 1, 1]) == green       # visible now and drawn on top of the blue square
+    assert tuple(lab[1, 0, 0]) == blue
+
+
+def test_attribute_loss_and_motion_features(tmp_path):
+    """With attr_classes / attr_weight the loss gains a patch-wise attribute cross-entropy that
+    reaches the vision tower; with motion_features a frame's boxes depend on its neighbours."""
+    from tests.test_model import SMALL
+
+    cfg = small_cfg(model=dict(SMALL, attr_classes=[5, 4, 6], attr_weight=0.5, motion_features=True))
+    model, proc = new_tiny_model(cfg, seed=0)
+    model.train()
+    batch = make_batch(cfg, proc, step=0)
+    assert batch["patch_labels"].shape[:3] == batch["pixel_values_videos"].shape[:2] + (16,)
+    out, _, _ = model.ground_forward(**batch)
+    assert 0 < out.attr_loss.item() < 3 * np.log(6)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.box_loss + out.presence_loss + 0.5 * out.attr_loss)
+    out.loss.backward()
+    assert model.model.vision_tower.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+    assert model.space_decoder.attr_head.weight.grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        torch.nn.init.normal_(model.space_decoder.motion_conv.weight, std=0.5)
+        boxes = model.ground_forward(**batch)[0].boxes
+        later = batch["pixel_values_videos"].clone()
+        later[:, 2] = later[:, 2].flip(-1)  # change frame 2 only
+        moved = model.ground_forward(**{**batch, "pixel_values_videos": later})[0].boxes
+        model.config.motion_features = False
+        plain = [model.ground_forward(**{**batch, "pixel_values_videos": p})[0].boxes for p in (
+            batch["pixel_values_videos"], later)]
+    # The language model is causal, so frames 0 and 1 (their query tokens come before frame 2's
+    # tokens) can only learn of frame 2 through the motion features; frame 1 is its neighbour.
+    assert not torch.allclose(boxes[:, 1], moved[:, 1])
+    torch.testing.assert_close(boxes[:, 0], moved[:, 0])
+    torch.testing.assert_close(plain[0][:, :2], plain[1][:, :2])

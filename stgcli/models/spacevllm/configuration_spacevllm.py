@@ -28,6 +28,15 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         (2r+1) x (2r+1) patches around the best one, not over the whole grid: when two objects
         both score, the whole-grid average lands between them, on neither. -1: the whole grid.
         Training always uses the whole grid (every patch gets gradient). No extra weights.
+    motion_features: each frame's patches also see how the same patches change from the previous
+        to the next sampled frame (a 3x3 convolution over that difference), so the decoder can tell
+        apart objects that differ only in motion (a twin moving left vs one staying still). The
+        frame's own query still attends only to that frame's patches.
+    attr_classes / attr_weight: dense auxiliary supervision of the decoder's patch features (before
+        they see the sentence): per patch, a linear head predicts each attribute of the object there
+        (class counts including "none", e.g. [5, 4, 6] for the shapes world's colour, shape and
+        motion), with cross-entropy weighted by attr_weight. It teaches the small vision tower what
+        the sentence can name. Training only; None / 0: off.
     """
 
     model_type = "spacevllm"
@@ -48,6 +57,9 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     mid_presence_layer: int = 0
     mid_presence_weight: float = 0.0
     point_window: int = 1
+    motion_features: bool = False
+    attr_classes: list | None = None
+    attr_weight: float = 0.0
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,

@@ -34,6 +34,7 @@ class SpaceVLLMOutput(ModelOutput):
     box_loss: torch.Tensor | None = None
     presence_loss: torch.Tensor | None = None
     point_loss: torch.Tensor | None = None
+    attr_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
     presence_logits: torch.Tensor | None = None
@@ -77,12 +78,25 @@ class SpaceDecoder(nn.Module):
         # best patch match of the decoder (it sees colour and shape in this frame).
         self.presence_head = nn.Sequential(nn.Linear(d_llm, d), nn.GELU(), nn.Linear(d, 1))
         self.match_scale = nn.Linear(1, 1)
+        if config.motion_features:
+            self.motion_in = nn.Linear(2 * d_llm, d)
+            self.motion_conv = nn.Conv2d(d, d, 3, padding=1)
+        if config.attr_classes:
+            self.attr_head = nn.Linear(d, sum(config.attr_classes))
 
     def forward(self, query_h: torch.Tensor, visual: torch.Tensor, text_h: torch.Tensor,
-                text_pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """query_h (N, D), visual (N, P, D), text_h (N, L, D) -> boxes (N, 4) normalised cxcywh,
-        presence logits (N,), pointing logits over the patch grid (N, P)."""
+                text_pad_mask: torch.Tensor | None, change: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """query_h (N, D), visual (N, P, D), text_h (N, L, D), change (N, P, D) (next minus previous
+        frame's patches; with `motion_features`) -> boxes (N, 4) normalised cxcywh, presence logits
+        (N,), pointing logits over the patch grid (N, P), patch features before the sentence (N, P, d)."""
         v = self.visual_proj(visual) + self.pos_embed.to(visual.dtype)
+        if change is not None:
+            n, p, _ = visual.shape
+            m = F.gelu(self.motion_in(torch.cat([change, visual], -1)))
+            m = self.motion_conv(m.transpose(1, 2).reshape(n, -1, self.grid, self.grid))
+            v = v + m.flatten(2).transpose(1, 2)
+        patch_features = v
         t = self.text_proj(text_h)
         for blk in self.text_condition:
             v = blk(v, t, memory_key_padding_mask=text_pad_mask)
@@ -100,7 +114,15 @@ class SpaceDecoder(nn.Module):
         wh = out[:, 2:].sigmoid()
         presence = self.presence_head(query_h).squeeze(-1) + self.match_scale(
             logits.max(-1, keepdim=True).values).squeeze(-1)
-        return torch.cat([cxcy, wh], -1), presence, logits
+        return torch.cat([cxcy, wh], -1), presence, logits, patch_features
+
+
+def _temporal_change(patches: torch.Tensor) -> torch.Tensor:
+    """(B, F, P, D) -> each frame's next minus previous frame's patches (the edge frames use
+    themselves in place of the missing neighbour)."""
+    prev = torch.cat([patches[:, :1], patches[:, :-1]], 1)
+    nxt = torch.cat([patches[:, 1:], patches[:, -1:]], 1)
+    return nxt - prev
 
 
 def _patch_centres(grid: int, device, dtype) -> torch.Tensor:
@@ -186,13 +208,14 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                        pixel_values_videos: torch.Tensor, text_mask: torch.Tensor,
                        labels: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None,
                        gt_in_span: torch.Tensor | None = None, decode_mask: torch.Tensor | None = None,
-                       use_cache: bool = False):
+                       patch_labels: torch.Tensor | None = None, use_cache: bool = False):
         """One pass over prompt (+ answer when training).
 
         input_ids/attention_mask (B, L); pixel_values_videos (B, F, 3, S, S); text_mask (B, L) marks the
         sentence's tokens; labels (B, L) with -100 outside the answer; gt_boxes (B, F, 4) normalised
         xyxy; gt_in_span (B, F) bool; decode_mask (B, F) bool: in-span frames that carry a box loss
-        (default all). Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh and presence logits
+        (default all); patch_labels (B, F, P, A) attribute classes per patch (`attr_classes`).
+        Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh and presence logits
         (B, F), past_key_values or None, last hidden states).
         """
         video_out, patches = self.encode_video(pixel_values_videos)
@@ -205,9 +228,10 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         qmask = input_ids == self.config.query_token_index
         query_h = hidden[qmask].view(b, f, -1)
         text_h, text_pad = self._sentence_states(hidden, text_mask)
-        boxes, presence, point_logits = self.space_decoder(query_h.reshape(b * f, -1), patches.flatten(0, 1),
-                                                           text_h.repeat_interleave(f, 0),
-                                                           text_pad.repeat_interleave(f, 0))
+        change = _temporal_change(patches).flatten(0, 1) if self.config.motion_features else None
+        boxes, presence, point_logits, patch_feats = self.space_decoder(
+            query_h.reshape(b * f, -1), patches.flatten(0, 1), text_h.repeat_interleave(f, 0),
+            text_pad.repeat_interleave(f, 0), change)
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
@@ -236,6 +260,9 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 target = _centre_patch(gt_boxes[box_sel].float(), self.space_decoder.grid)
                 result.point_loss = F.cross_entropy(point_logits.view(b, f, -1)[box_sel].float(), target)
                 result.loss = result.loss + self.config.point_weight * result.point_loss
+            if self.config.attr_weight and patch_labels is not None:
+                result.attr_loss = self._attr_loss(patch_feats, patch_labels.flatten(0, 1))
+                result.loss = result.loss + self.config.attr_weight * result.attr_loss
             if mid:
                 # hidden_states[0] is the embedding output, so index `mid` is the output of layer `mid`.
                 mid_h = self.model.language_model.norm(out.hidden_states[mid][qmask])
@@ -243,6 +270,19 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 mid_loss = F.binary_cross_entropy_with_logits(mid_logits.float(), gt_in_span.float())
                 result.loss = result.loss + self.config.mid_presence_weight * mid_loss
         return result, (out.past_key_values if use_cache else None), hidden
+
+    def _attr_loss(self, patch_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean over attributes of the patch-wise cross-entropy; "none" (class 0) weighs 0.1, as
+        most patches are background and objects cover only one or a few."""
+        logits = self.space_decoder.attr_head(patch_feats).float().flatten(0, 1)
+        labels = labels.flatten(0, 1)
+        losses, start = [], 0
+        for a, k in enumerate(self.config.attr_classes):
+            weight = torch.ones(k, device=logits.device)
+            weight[0] = 0.1
+            losses.append(F.cross_entropy(logits[:, start:start + k], labels[:, a], weight=weight))
+            start += k
+        return torch.stack(losses).mean()
 
     @staticmethod
     def _sentence_states(hidden: torch.Tensor, text_mask: torch.Tensor):
