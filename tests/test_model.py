@@ -322,6 +322,35 @@ def test_point_window_applies_at_inference_only(small):
     torch.testing.assert_close(local[..., 2:], whole[..., 2:])  # sizes do not
 
 
+def test_presence_bias_shifts_inference_scores_and_lengthens_spans(small):
+    """`presence_bias` is added to the presence logits in `ground` (the scores spans are chosen
+    from), not in `ground_forward` (training); a higher bias never shortens the likeliest span."""
+    model, proc = small
+    args, _ = prompt_inputs(proc, step=2)
+    model.eval()
+    assert model.config.presence_bias == 0.0
+    with torch.no_grad():
+        logits = model.ground_forward(*args)[0].presence_logits[0]
+        _, _, p0 = model.ground(*args)
+        model.config.presence_bias = 2.0
+        try:
+            _, _, p2 = model.ground(*args)
+            torch.testing.assert_close(model.ground_forward(*args)[0].presence_logits[0], logits)
+        finally:
+            model.config.presence_bias = 0.0
+    torch.testing.assert_close(p0, torch.sigmoid(logits))
+    torch.testing.assert_close(p2, torch.sigmoid(logits + 2.0))
+    times = np.arange(len(p0)) * 0.5
+
+    def best_len(p):
+        ids, _ = proc.span_candidates(times, p.numpy(), k=1)
+        start, end = proc.parse_answer(proc.decode(ids[0]), times[-1] + 0.5)
+        return end - start
+
+    assert best_len(p2) >= best_len(p0)
+    assert best_len(torch.full_like(p0, 0.9)) == times[-1]  # everything likely: the whole clip
+
+
 def test_centre_patch_indexes_the_grid_row_major():
     from stgcli.models.spacevllm.modeling_spacevllm import _centre_patch
 

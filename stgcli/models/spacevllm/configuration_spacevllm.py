@@ -28,6 +28,9 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         (2r+1) x (2r+1) patches around the best one, not over the whole grid: when two objects
         both score, the whole-grid average lands between them, on neither. -1: the whole grid.
         Training always uses the whole grid (every patch gets gradient). No extra weights.
+    presence_bias: added to the per-frame presence logits at inference (not in training): a
+        calibration chosen on held-out tuning clips, as a detector's threshold is. The spans come
+        from these scores, and a model whose scores run low names spans that are too short.
     motion_features: each frame's patches also see how the same patches change from the previous
         to the next sampled frame (a 3x3 convolution over that difference), so the decoder can tell
         apart objects that differ only in motion (a twin moving left vs one staying still). The
@@ -57,6 +60,7 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     mid_presence_layer: int = 0
     mid_presence_weight: float = 0.0
     point_window: int = 1
+    presence_bias: float = 0.0
     motion_features: bool = False
     attr_classes: list | None = None
     attr_weight: float = 0.0

@@ -320,7 +320,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
-        presence = torch.sigmoid(res.presence_logits[0])
+        presence = torch.sigmoid(res.presence_logits[0] + self.config.presence_bias)
         if answer_candidates is not None:
             candidates, prior = answer_candidates(presence.float().cpu())
             if candidates:
