@@ -92,9 +92,8 @@ class SpaceDecoder(nn.Module):
         (N,), pointing logits over the patch grid (N, P), patch features before the sentence (N, P, d)."""
         v = self.visual_proj(visual) + self.pos_embed.to(visual.dtype)
         if change is not None:
-            n, p, _ = visual.shape
             m = F.gelu(self.motion_in(torch.cat([change, visual], -1)))
-            m = self.motion_conv(m.transpose(1, 2).reshape(n, -1, self.grid, self.grid))
+            m = self.motion_conv(m.transpose(1, 2).reshape(len(m), -1, self.grid, self.grid))
             v = v + m.flatten(2).transpose(1, 2)
         patch_features = v
         t = self.text_proj(text_h)
