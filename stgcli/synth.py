@@ -159,7 +159,8 @@ def sample_clip(rng: np.random.Generator, seed: int = 0, twin_prob: float = 0.3,
     w, h = _sample_size(rng)
     fps = float(rng.integers(10, 31)) if rng.random() < 0.85 else float(rng.choice([23.976, 29.97, 12.5, 15.0]))
     duration = float(rng.uniform(3.0, 12.0))
-    n_frames = max(int(round(duration * fps)), 1)
+    # whole frames, kept inside the spec's 3 to 12 s (rounding alone could pass 12 s at 23.976 fps)
+    n_frames = int(np.clip(round(duration * fps), math.ceil(3.0 * fps - 1e-9), math.floor(12.0 * fps + 1e-9)))
     duration = n_frames / fps
     kind = rng.choice(["uniform", "noise", "gradient"])
     bg = Background(kind=str(kind), level=float(rng.uniform(30, 200)))
@@ -246,7 +247,8 @@ def render_frame(spec: ClipSpec, t: float, rng: np.random.Generator, out_size: t
         elif o.shape == "triangle":
             pts = np.array([[(x1 + x2) / 2, y1], [x2, y2], [x1, y2]])
         else:
-            c = (int(round((x1 + x2) / 2 * _ONE)), int(round((y1 + y2) / 2 * _ONE)))
+            # centre shifted by half a pixel like the polygons below, so the disc fills its box
+            c = (int(round(((x1 + x2) / 2 - 0.5) * _ONE)), int(round(((y1 + y2) / 2 - 0.5) * _ONE)))
             ax = (int(round((x2 - x1) / 2 * _ONE)), int(round((y2 - y1) / 2 * _ONE)))
             cv2.ellipse(img, c, ax, 0, 0, 360, col, -1, cv2.LINE_AA, _SHIFT)
             continue

@@ -113,3 +113,28 @@ def test_hard_case_rates_are_adjustable_and_default_unchanged():
     assert twin_rate(twin_prob=0.0) == 0
     assert twin_rate(twin_prob=1.0) == 1
     assert 0.2 < twin_rate() < 0.4
+
+
+def test_duration_stays_within_spec_after_rounding_to_whole_frames():
+    # seed 23363 draws 12.0 s at 23.976 fps: 287.7 frames, which rounded up to 288 made 12.012 s
+    s = synth.sample_clip(np.random.default_rng(23363))
+    assert 3.0 <= s.num_frames / s.fps <= 12.0
+
+
+@pytest.mark.parametrize("shape", ["circle", "square"])
+def test_shape_is_centred_in_its_box(shape):
+    """The coverage-weighted centre of a lone drawn object is its box's centre (to a tenth of a pixel)."""
+    s = synth.sample_clip(np.random.default_rng(5))
+    s.background = synth.Background("uniform", level=128)
+    o = s.objects[s.target]
+    o.shape = shape
+    s.objects, s.target = [o], 0
+    a, b = s.gt()["span_frames"]
+    f = (a + b) // 2
+    img = synth.render_frame(s, f / s.fps, np.random.default_rng(0)).astype(float)
+    cover = np.abs(img - 128).sum(-1)
+    ys, xs = np.mgrid[:cover.shape[0], :cover.shape[1]]
+    x1, y1, x2, y2 = s.gt()["boxes"][f]
+    # pixel i covers [i, i + 1): its centre is at box coordinate i + 0.5
+    assert (cover * xs).sum() / cover.sum() + 0.5 == pytest.approx((x1 + x2) / 2, abs=0.1)
+    assert (cover * ys).sum() / cover.sum() + 0.5 == pytest.approx((y1 + y2) / 2, abs=0.1)
