@@ -83,6 +83,11 @@ def _echo_warnings(warnings) -> None:
         click.echo(f"stg: warning: {w}", err=True)
 
 
+def _echo_notes(notes) -> None:
+    for n in notes:
+        click.echo(f"stg: note: {n}", err=True)
+
+
 def _summary(res) -> str:
     v = res.video
     lines = [f"{v.path}: \"{res.query}\""]
@@ -138,7 +143,9 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
     if render_path is not None:
         from .render import render as draw
 
-        draw(video, res, render_path)
+        notes: list[str] = []
+        draw(video, res, render_path, notes=notes)
+        _echo_notes(notes)
     if as_json:
         click.echo(res.to_json(indent=2))
     else:
@@ -197,7 +204,9 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
     out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
     if out_path.exists() and not force:
         raise UserError(f"{out_path}: exists; pass --force to overwrite or choose another --out")
-    run(video, res, out_path, overlays)
+    notes: list[str] = []
+    run(video, res, out_path, overlays, notes=notes)
+    _echo_notes(notes)
     click.echo(f"wrote {out_path}")
 
 
@@ -213,8 +222,7 @@ def export(results: Path, fmt: str, out_path, force: bool) -> None:
     from .export import export as run
 
     text, written, notes = run(results, fmt, out_path, force)
-    for n in notes:
-        click.echo(f"stg: note: {n}", err=True)
+    _echo_notes(notes)
     if text is not None:
         click.echo(text, nl=False)
     for p in written:

@@ -54,9 +54,21 @@ def parse_overlays(spec: str) -> tuple[str, ...]:
     return names
 
 
+def check_result_fits(video, info, result) -> None:
+    """A result drawn onto another video puts boxes in the wrong place: refuse it. Same display
+    size, and no track frame beyond the video's last (a re-encoded copy of the same video passes)."""
+    rv = result.video
+    last = max((t.frame for t in result.track), default=-1)
+    if (rv.width, rv.height) != (info.width, info.height) or last >= info.num_frames:
+        raise UserError(
+            f"{video}: {info.width}x{info.height}, {info.num_frames} frames, but the result was made on "
+            f"{rv.path} ({rv.width}x{rv.height}, {rv.num_frames} frames); render the video the result belongs to")
+
+
 def render(video: str | os.PathLike, result, out: str | os.PathLike,
-           overlays: tuple[str, ...] = OVERLAYS) -> Path:
-    """Write `out` (H.264/yuv420p MP4): `video` with `result`'s track drawn on it. Atomic."""
+           overlays: tuple[str, ...] = OVERLAYS, notes: list[str] | None = None) -> Path:
+    """Write `out` (H.264/yuv420p MP4): `video` with `result`'s track drawn on it. Atomic.
+    What the user should know but is no error (audio left out) is appended to `notes`."""
     import av
     import cv2
     import supervision as sv
@@ -64,6 +76,7 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
     from .video import iter_frames, probe
 
     info = probe(video)
+    check_result_fits(video, info, result)
     track = {t.frame: t for t in result.track}
     span = result.span
     colour = sv.Color(r=64, g=222, b=138)
@@ -78,12 +91,16 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
     # yuv420p needs even sizes: odd ones are padded by one pixel (right/bottom) rather than cropped.
     w2, h2 = info.width + info.width % 2, info.height + info.height % 2
     try:
-        with av.open(str(tmp), "w") as dst:
+        # +faststart: the index goes before the pictures, so a browser plays while it downloads
+        with av.open(str(tmp), "w", format="mp4", container_options={"movflags": "+faststart"}) as dst:
             vs = dst.add_stream("libx264", rate=Fraction(info.fps).limit_denominator(1001))
             vs.width, vs.height, vs.pix_fmt = w2, h2, "yuv420p"
-            vs.time_base = _TB
-            vs.options = {"crf": "20", "preset": "veryfast", "movflags": "+faststart"}
-            audio = _AudioCopy(video, dst)  # every stream must exist before the first packet is written
+            # The encoder's clock too, not only the stream's: on 1/fps ticks a variable-rate video's
+            # frames would round onto each other's timestamps.
+            vs.time_base = vs.codec_context.time_base = _TB
+            vs.options = {"crf": "20", "preset": "veryfast"}
+            audio = _Audio(video, dst, info.start_s)  # every stream must exist before the first packet is written
+            last_pts = -1
             for idx, t, rgb in iter_frames(video):
                 scene = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
                 entry = track.get(idx)
@@ -103,13 +120,15 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
                     scene = cv2.copyMakeBorder(scene, 0, h2 - scene.shape[0], 0, w2 - scene.shape[1],
                                                cv2.BORDER_REPLICATE)
                 frame = av.VideoFrame.from_ndarray(scene, format="bgr24")
-                frame.pts = int(round(t / _TB))
+                last_pts = frame.pts = max(int(round(t / _TB)), last_pts + 1)
                 frame.time_base = _TB
                 for pkt in vs.encode(frame):
                     dst.mux(pkt)
             for pkt in vs.encode():
                 dst.mux(pkt)
-            audio.copy()
+            audio.write()
+            if audio.note and notes is not None:
+                notes.append(audio.note)
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -117,29 +136,81 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
     return out
 
 
-class _AudioCopy:
-    """Remux the source's first audio stream unchanged; skipped when MP4 cannot hold that codec."""
+# Audio codecs an MP4 holds as they are; any other is re-encoded to AAC.
+_MP4_AUDIO = {"aac", "mp3", "ac3", "eac3", "opus", "flac", "alac"}
+_LAYOUTS = {1: "mono", 2: "stereo", 3: "2.1", 4: "quad", 5: "5.0", 6: "5.1", 7: "6.1", 8: "7.1"}
 
-    def __init__(self, video, dst):
+
+class _Audio:
+    """The source's first audio stream, on the rendered video's clock (its first frame is 0 s):
+    copied when MP4 holds the codec, else re-encoded to AAC (PCM from cameras, Vorbis, ...)."""
+
+    def __init__(self, video, dst, video_start_s: float):
         import av
 
         self.src = av.open(str(video))
-        self.a_in = self.src.streams.audio[0] if self.src.streams.audio else None
-        self.a_out = None
-        if self.a_in is not None:
-            try:
-                self.a_out = dst.add_stream_from_template(self.a_in)
-            except (ValueError, av.error.FFmpegError):
-                self.a_out = None
         self.dst = dst
+        self.start = video_start_s
+        self.a_in = self.src.streams.audio[0] if self.src.streams.audio else None
+        self.a_out, self.copy, self.note = None, False, ""
+        if self.a_in is None:
+            return
+        name = self.a_in.codec_context.name
+        try:
+            if name in _MP4_AUDIO:
+                self.a_out, self.copy = dst.add_stream_from_template(self.a_in), True
+            else:
+                ctx = self.a_in.codec_context
+                # the standard layout for the channel count: PCM often carries none ("2 channels")
+                layout = _LAYOUTS.get(len(ctx.layout.channels), "")
+                rate = ctx.sample_rate or 48000
+                probe = av.CodecContext.create("aac", "w")  # fails here, not halfway through the video
+                probe.sample_rate, probe.layout, probe.format = rate, layout, "fltp"
+                probe.open()
+                self.a_out = dst.add_stream("aac", rate=rate, layout=layout)
+        except (ValueError, TypeError, av.error.FFmpegError) as e:
+            self.a_out, self.note = None, f"audio ({name}) left out: it cannot go into an MP4 ({e})"
 
-    def copy(self) -> None:
+    def write(self) -> None:
         try:
             if self.a_out is not None:
-                for pkt in self.src.demux(self.a_in):
-                    if pkt.dts is None:
-                        continue
-                    pkt.stream = self.a_out
-                    self.dst.mux(pkt)
+                (self._copy if self.copy else self._encode)()
         finally:
             self.src.close()
+
+    def _copy(self) -> None:
+        tb = self.a_in.time_base
+        shift = int(round(self.start / tb))
+        for pkt in self.src.demux(self.a_in):
+            if pkt.dts is None:
+                continue
+            if shift:
+                if pkt.pts is not None and pkt.pts + (pkt.duration or 0) - shift < 0:
+                    continue  # sound from before the first frame: not part of the rendered clip
+                pkt.dts -= shift
+                if pkt.pts is not None:
+                    pkt.pts -= shift
+            pkt.stream = self.a_out
+            self.dst.mux(pkt)
+
+    def _encode(self) -> None:
+        from fractions import Fraction
+
+        import av
+
+        rate = self.a_out.codec_context.sample_rate
+        tb = Fraction(1, rate)
+        try:
+            for frame in self.src.decode(self.a_in):
+                if frame.pts is None or frame.time is None:
+                    continue
+                pts = int(round((frame.time - self.start) * rate))
+                if pts + frame.samples <= 0:
+                    continue
+                frame.pts, frame.time_base = pts, tb
+                for pkt in self.a_out.encode(frame):
+                    self.dst.mux(pkt)
+            for pkt in self.a_out.encode():
+                self.dst.mux(pkt)
+        except av.error.FFmpegError:
+            pass  # a damaged audio tail: keep what was written, as video decoding does

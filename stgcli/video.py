@@ -61,6 +61,7 @@ class VideoInfo:
     vfr: bool
     has_audio: bool
     backend: str  # "decord" or "pyav"
+    start_s: float = 0.0  # the first frame's time on the container's clock (other streams align to it)
 
 
 @dataclass
@@ -444,7 +445,7 @@ def _build_scan(path, container, stream, pk: _Packets, pts, keys, counted, frame
     warnings = _truncation_warnings(path, container, stream, pk, n, duration, fps)
     reordered = bool(len(pk.pts) > 1 and np.any(np.diff(np.asarray(pk.pts)) < 0))
     info = VideoInfo(str(path), fps, int(w), int(h), n, float(duration), rotation, vfr,
-                     bool(container.streams.audio), "pyav")
+                     bool(container.streams.audio), "pyav", 0.0 if counted else float(pts[0] * tb))
     scan = _Scan(info, stream.index, pts, np.asarray(keys, np.int64), tb, codec, fmt,
                  reordered, counted, tuple(warnings))
     return replace(scan, info=replace(info, backend=_auto_backend(scan)))
@@ -603,8 +604,9 @@ def _window(scan: _Scan, start_s: float | None, end_s: float | None) -> tuple[in
     hi = len(times) - 1 if end_s is None else int(
         np.searchsorted(times, end_s + eps, side="right")) - 1
     if hi < lo:
-        raise VideoError(f"{path}: no frame lies in the window [{start_s}s, {end_s}s]; "
-                         "widen the window")
+        lo_s = f"{start_s}s" if start_s is not None else "the start"
+        hi_s = f"{end_s}s" if end_s is not None else "the end"
+        raise VideoError(f"{path}: no frame lies in the window [{lo_s}, {hi_s}]; widen the window")
     return lo, hi
 
 

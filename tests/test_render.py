@@ -74,11 +74,11 @@ def test_overlays_inside_span_only(rendered):
 
 
 def test_audio_is_copied(clip, tmp_path):
+    from stgcli.video import probe
+
     src = clip("h264_audio.mp4")
-    res = truth_result(src)
-    res.span = None
-    res.track = []
-    out = render(src, res, tmp_path / "a.mp4")
+    info = probe(src)
+    out = render(src, empty_result(src, info.width, info.height, info.num_frames, info.fps), tmp_path / "a.mp4")
     with av.open(str(out)) as c:
         assert len(c.streams.audio) == 1 and len(c.streams.video) == 1
         n = sum(1 for _ in c.decode(video=0))
@@ -99,3 +99,115 @@ def test_cli_render_and_errors(capsys, tmp_path):
     bad.write_text("{}")
     code, _, err = run(capsys, "render", str(EXAMPLE), str(bad), "--out", str(tmp_path / "y.mp4"))
     assert_user_error(code, err, "bad.json")
+
+
+def top_level_boxes(path) -> list[str]:
+    data, i, names = open(path, "rb").read(), 0, []
+    while i + 8 <= len(data):
+        size, kind = int.from_bytes(data[i:i + 4], "big"), data[i + 4:i + 8].decode("latin-1")
+        names.append(kind)
+        i += size if size else len(data)
+    return names
+
+
+def test_index_before_pictures_for_streaming(rendered):
+    boxes = top_level_boxes(rendered)
+    assert boxes.index("moov") < boxes.index("mdat")
+
+
+def empty_result(video, width, height, num_frames, fps) -> GroundingResult:
+    res = truth_result(video)
+    res.video.width, res.video.height, res.video.num_frames, res.video.fps = width, height, num_frames, fps
+    res.span, res.track = None, []
+    return res
+
+
+def test_variable_frame_rate_keeps_every_frame_time(tmp_path):
+    from fractions import Fraction
+
+    from tests.videogen import painted_frames, write_video
+
+    steps = [40, 40, 120, 40, 160, 33, 47, 40, 200, 40]  # ms between frames
+    pts = [0]
+    for s in steps:
+        pts.append(pts[-1] + s)
+    src = write_video(tmp_path / "vfr.mp4", painted_frames(len(pts), 160, 96), 25, pts=pts,
+                      time_base=Fraction(1, 1000))
+    out = render(src, empty_result(src, 160, 96, len(pts), 25.0), tmp_path / "o.mp4")
+    with av.open(str(out)) as c:
+        times = [round(float(f.time), 3) for f in c.decode(video=0)]
+    assert times == [p / 1000 for p in pts]
+
+
+def write_av(path, audio_codec: str, start_s: float = 0.0, click_s: float = 0.4, n: int = 25, fps: int = 25,
+             rate: int = 16000):
+    """A clip whose video and audio both start at `start_s` (a cut from a longer recording), with a
+    click in the audio `click_s` after that."""
+    from fractions import Fraction
+
+    from tests.videogen import painted_frames
+
+    with av.open(str(path), "w") as out:
+        vs = out.add_stream("libx264", rate=fps)
+        vs.pix_fmt, vs.width, vs.height = "yuv420p", 160, 96
+        vs.time_base = vs.codec_context.time_base = Fraction(1, 1000)
+        a = out.add_stream(audio_codec, rate=rate, layout="mono")
+        for k, img in enumerate(painted_frames(n, 160, 96)):
+            f = av.VideoFrame.from_ndarray(img, format="rgb24")
+            f.pts, f.time_base = round((start_s + k / fps) * 1000), Fraction(1, 1000)
+            out.mux(vs.encode(f))
+        out.mux(vs.encode())
+        sig = np.zeros(int(n / fps * rate) // 1024 * 1024 + 1024, np.float32)
+        sig[int(click_s * rate):int(click_s * rate) + 400] = 0.8
+        fmt = a.codec_context.format.name
+        for s in range(0, len(sig), 1024):
+            chunk = sig[None, s:s + 1024]
+            arr = (chunk * 32767).astype(np.int16) if fmt == "s16" else chunk
+            frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(arr), format=fmt, layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = rate, round(start_s * rate) + s, Fraction(1, rate)
+            out.mux(a.encode(frame))
+        out.mux(a.encode())
+    return path
+
+
+def click_after_first_frame(path) -> tuple[float, str]:
+    with av.open(str(path)) as c:
+        first = next(c.decode(video=0)).time
+    with av.open(str(path)) as c:
+        st = c.streams.audio[0]
+        for f in c.decode(st):
+            loud = np.abs(f.to_ndarray().astype(np.float32)).max(0)
+            loud = loud / 32767 if f.format.name.startswith("s16") else loud
+            if loud.max() > 0.3:
+                return f.time + int(np.argmax(loud > 0.3)) / f.sample_rate - first, st.codec_context.name
+    raise AssertionError("no click")
+
+
+def test_audio_stays_in_sync_when_the_source_starts_late(tmp_path):
+    src = write_av(tmp_path / "late.mp4", "aac", start_s=1.0)
+    assert click_after_first_frame(src)[0] == pytest.approx(0.4, abs=0.01)
+    out = render(src, empty_result(src, 160, 96, 25, 25.0), tmp_path / "o.mp4")
+    click, codec = click_after_first_frame(out)
+    assert codec == "aac" and click == pytest.approx(0.4, abs=0.01)
+
+
+def test_audio_mp4_cannot_hold_is_reencoded(tmp_path):
+    src = write_av(tmp_path / "pcm.mkv", "pcm_s16le")
+    notes: list[str] = []
+    out = render(src, empty_result(src, 160, 96, 25, 25.0), tmp_path / "o.mp4", notes=notes)
+    click, codec = click_after_first_frame(out)
+    assert codec == "aac" and click == pytest.approx(0.4, abs=0.03) and notes == []
+
+
+def test_result_of_another_video_is_refused(capsys, tmp_path):
+    from tests.videogen import painted_frames, write_video
+
+    small = write_video(tmp_path / "small.mp4", painted_frames(5, 160, 96), 25)
+    rj = tmp_path / "r.json"
+    rj.write_text(json.dumps(truth_result().to_dict()))  # made on the 480x270 example
+    code, _, err = run(capsys, "render", str(small), str(rj), "--out", str(tmp_path / "o.mp4"))
+    assert_user_error(code, err, "small.mp4")
+    assert "480x270" in err and not (tmp_path / "o.mp4").exists()
+    short = write_video(tmp_path / "short.mp4", painted_frames(5, 480, 270), 25)  # same size, track beyond it
+    code, _, err = run(capsys, "render", str(short), str(rj), "--out", str(tmp_path / "o.mp4"))
+    assert_user_error(code, err, "short.mp4")

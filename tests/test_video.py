@@ -176,6 +176,7 @@ def test_resize_on_decode_keeps_original_info(clip, backend):
     ({"start_s": 2.4}, "beyond"),
     ({"start_s": 99.0}, "beyond"),
     ({"start_s": 0.01, "end_s": 0.02}, "no frame"),
+    ({"start_s": 2.39}, r"no frame lies in the window \[2.39s, the end\]"),  # past the last frame's time
 ])
 def test_bad_windows_are_user_errors(clip, kwargs, match):
     with pytest.raises(UserError, match=match):
