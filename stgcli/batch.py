@@ -8,6 +8,7 @@ pairs already in the output.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -23,17 +24,27 @@ from .pipeline import normalize_query
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg"}
 
 
+def _manifest_text(path: Path) -> str:
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a byte-order mark (spreadsheet exports) is not part of the header
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text; save the manifest as UTF-8") from None
+
+
 def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
+    text = _manifest_text(path)
     if path.suffix.lower() == ".csv":
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"video", "query"} - set(reader.fieldnames or [])
-            if missing:
-                raise UserError(f"{path}: line 1: missing column(s) {', '.join(sorted(missing))}; "
-                                "the header must name video,query")
-            return [(i + 2, row) for i, row in enumerate(reader)]
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        missing = {"video", "query"} - set(reader.fieldnames or [])
+        if missing:
+            raise UserError(f"{path}: line 1: missing column(s) {', '.join(sorted(missing))}; "
+                            "the header must name video,query")
+        return [(reader.line_num, row) for row in reader]  # the file's line, blank lines counted
     rows = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    # "\n" only: str.splitlines() would also split inside a query holding U+2028 and the like
+    for i, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -46,8 +57,9 @@ def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
-    """(video path, query) pairs from a folder + --query, or from a JSONL/CSV manifest."""
+def collect_items(source: Path, query: str | None) -> list[tuple]:
+    """(video path, query) pairs from a folder + --query, or from a JSONL/CSV manifest; a manifest's
+    pairs carry where they came from ("manifest.jsonl: line 7") for their error messages."""
     if not source.exists():
         raise UserError(f"{source}: no such file or folder")
     if source.is_dir():
@@ -65,21 +77,25 @@ def collect_items(source: Path, query: str | None) -> list[tuple[str, str]]:
         video = Path(str(row["video"]))
         if not video.is_absolute():
             video = source.parent / video
-        items.append((str(video), normalize_query(row["query"])))
+        items.append((str(video), normalize_query(row["query"]), None, None, f"{source}: line {line_no}"))
     if not items:
         raise UserError(f"{source}: manifest has no entries")
     return items
 
 
-def _normalize_items(items) -> list[tuple[str, str, float | None, float | None]]:
-    """(video, query[, start_s, end_s]) -> 4-tuples with a whitespace-normalized query."""
+def _normalize_items(items) -> list[tuple[str, str, float | None, float | None, str | None]]:
+    """(video, query[, start_s, end_s[, origin]]) -> 5-tuples with a whitespace-normalized query."""
     out = []
     for it in items:
         video, query = str(it[0]), normalize_query(it[1])
         start_s = it[2] if len(it) > 2 else None
         end_s = it[3] if len(it) > 3 else None
-        out.append((video, query, start_s, end_s))
+        out.append((video, query, start_s, end_s, it[4] if len(it) > 4 else None))
     return out
+
+
+def _file_key(path: str) -> str:
+    return os.path.realpath(path)
 
 
 def default_workers() -> int:
@@ -138,10 +154,15 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     if out_path.exists() and not resume:
         raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
     writer = JsonlWriter(out_path)
-    done = writer.keys()
+    if writer.repaired:
+        print(f"stg: note: {out_path}: removed an unfinished last line (an interrupted run); its clip is "
+              "grounded again", file=sys.stderr)
+    # One file however it is spelled (relative or absolute, "a/../b", a symlink): a rerun that names
+    # the manifest another way must not ground every pair a second time.
+    done = {(_file_key(v), q) for v, q in writer.keys()}
     unique = {}
     for it in items:
-        unique.setdefault(it[:2], it)
+        unique.setdefault((_file_key(it[0]), it[1]), it)
     todo = [it for key, it in unique.items() if key not in done]
     skipped = len(items) - len(todo)  # duplicates of a pair count as already done
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
@@ -161,7 +182,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
             # one decoder thread per clip: the pool is the parallelism (14% less CPU per clip)
             data = prepare(loaded, item[0], item[1], frames, item[2], item[3], threads=1)
         except Exception as e:  # one bad file must not stop ten thousand others
-            return error_result(item[0], item[1], e, str(e)), False
+            return error_result(item[0], item[1], e, f"{item[4]}: {e}" if item[4] else str(e)), False
         with model_turn:
             return ground_prepared(loaded, data, item[0]), True
 
@@ -183,6 +204,8 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
             res, ok = fut.result()
             n_ok += ok
             n_failed += not ok
+            if not ok and progress:
+                bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
             writer.append(res)
             bar.update(1)
     bar.close()

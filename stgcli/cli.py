@@ -5,6 +5,7 @@ Every user mistake is a `UserError`: exit code 2, one line on stderr, no traceba
 """
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -83,6 +84,11 @@ def _echo_warnings(warnings) -> None:
         click.echo(f"stg: warning: {w}", err=True)
 
 
+def _refuse_input_as_output(video: Path, out: Path, option: str) -> None:
+    if out.exists() and video.exists() and os.path.samefile(video, out):
+        raise UserError(f"{out}: is the input video; choose another {option}")
+
+
 def _echo_notes(notes) -> None:
     for n in notes:
         click.echo(f"stg: note: {n}", err=True)
@@ -120,19 +126,24 @@ def _summary(res) -> str:
 @click.option("--render", "render_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write an annotated H.264 MP4 (all overlays).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON document on stdout, nothing else.")
+@click.option("--force", is_flag=True, help="Overwrite --out / --render if they exist.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint; it can run code. Trusted "
               "sources only.")
 def ground(video: Path, query: str, model_name, frames, device, quant, span_decoding, start_s, end_s, out_path,
            render_path,
-           as_json, allow_pickle) -> None:
+           as_json, force, allow_pickle) -> None:
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_frames, check_query, check_video_path, ground as run
-    from .result import write_json_atomic
+    from .result import check_output_path, write_json_atomic
     from .weights import resolve_device
 
     check_query(query)  # before the device note, so a mistake prints one line only
     check_frames(frames)
     check_video_path(video)
+    for p, opt in ((out_path, "--out"), (render_path, "--render")):  # before the model runs, not after
+        if p is not None:
+            _refuse_input_as_output(video, p, opt)
+            check_output_path(p, force, opt)
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
@@ -170,7 +181,9 @@ def batch(source: Path, out_path: Path, query, model_name, frames, device, quant
           allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
+    from .result import check_output_path
 
+    check_output_path(out_path, force=True)  # appended to when it exists; a folder or unwritable place is not
     n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
                                           device=device, quant=quant, resume=resume, workers=workers,
                                           allow_pickle=allow_pickle, span_decoding=span_decoding)
@@ -192,7 +205,7 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
     import json
 
     from .render import parse_overlays, render as run
-    from .result import GroundingResult
+    from .result import GroundingResult, check_output_path
 
     overlays = parse_overlays(overlay)
     if not result.is_file():
@@ -202,8 +215,8 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{result}: not a stg.grounding/v1 document ({e})") from None
     out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
-    if out_path.exists() and not force:
-        raise UserError(f"{out_path}: exists; pass --force to overwrite or choose another --out")
+    _refuse_input_as_output(video, out_path, "--out")
+    check_output_path(out_path, force)
     notes: list[str] = []
     run(video, res, out_path, overlays, notes=notes)
     _echo_notes(notes)

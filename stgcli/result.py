@@ -715,9 +715,12 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     Parent directories are created.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    mode = _new_file_mode(target)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        mode = _new_file_mode(target)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as e:
+        raise cannot_write(target, e) from None
     try:
         try:
             _write_all(fd, data)
@@ -736,6 +739,29 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     return target
 
 
+def cannot_write(path: Path, e: OSError) -> ResultError:
+    """An output the system refuses (permissions, a file where a folder should be, a full disk):
+    the user's to fix, so one line and exit 2, not a traceback."""
+    return ResultError(f"{path}: cannot write there ({e.strerror or e}); choose another output path")
+
+
+def check_output_path(path: str | os.PathLike[str], force: bool = False, option: str = "--out") -> None:
+    """Before any work is done: refuse a folder, an existing file unless `force`, and a location
+    whose nearest existing parent is a file or not writable."""
+    p = Path(path)
+    if p.is_dir():
+        raise ResultError(f"{p}: is a folder; give {option} a file name")
+    if p.exists() and not force:
+        raise ResultError(f"{p}: exists; pass --force to overwrite it or choose another {option}")
+    parent = p.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ResultError(f"{p}: {parent} is a file, not a folder; choose another {option}")
+    if not os.access(parent, os.W_OK):
+        raise ResultError(f"{p}: {parent} is not writable; choose another {option}")
+
+
 def _record_key(doc: Any) -> tuple[str, str]:
     return (str(doc["video"]["path"]), str(doc["query"]))
 
@@ -745,6 +771,7 @@ class _Line(NamedTuple):
     start: int  # byte offset of the line
     doc: Any  # parsed JSON, or None when the line is not valid JSON
     newline: bool  # ended with "\n"
+    torn: bool = False  # not JSON, and what an interrupted append leaves: no newline, NULs, a cut record
 
 
 def _scan_lines(f: BinaryIO) -> Iterator[_Line]:
@@ -759,7 +786,9 @@ def _scan_lines(f: BinaryIO) -> Iterator[_Line]:
             doc = json.loads(body)
         except ValueError:  # JSONDecodeError and UnicodeDecodeError
             doc = None
-        yield _Line(lineno, start, doc, raw.endswith(b"\n"))
+        newline = raw.endswith(b"\n")
+        torn = doc is None and (not newline or b"\x00" in body or body.startswith(b'{"schema"'))
+        yield _Line(lineno, start, doc, newline, torn)
 
 
 def _corrupt(path: Path, lineno: int) -> ResultError:
@@ -804,8 +833,8 @@ except ImportError:  # pragma: no cover - Windows
 class JsonlWriter:
     """Crash-safe, resumable JSONL output for `stg batch`: one whole, fsynced line per result.
 
-    On open, a torn last line (no trailing newline or invalid JSON, as left by kill -9 or a
-    power loss) is truncated away, and the (video.path, query) keys already present are loaded
+    On open, a torn last line (invalid JSON without its newline, as left by kill -9 or a power
+    loss) is truncated away (`repaired`); any other line that is not a record makes it refuse the file, and the (video.path, query) keys already present are loaded
     so a rerun can skip finished items. `append` refuses duplicates; a failed write is rolled
     back so the file never keeps a half line. An exclusive advisory lock (POSIX) stops a second
     writer on the same file.
@@ -813,12 +842,15 @@ class JsonlWriter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.repaired = False  # True when a torn last line was truncated on open
         self._keys: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
-        self._fd: int | None = os.open(self.path, flags, 0o666)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._fd: int | None = os.open(self.path, flags, 0o666)
+        except OSError as e:
+            raise cannot_write(self.path, e) from None
         try:
             if _fcntl is not None:
                 try:
@@ -853,6 +885,11 @@ class JsonlWriter:
                         "(no video.path/query)"
                     ) from e
                 last = line
+        if pending_bad is not None and not pending_bad.torn:
+            # Each record is written whole, newline last: a crash leaves a cut line (or, after a power
+            # loss, NULs). A finished line of other text was never ours; cutting it would lose data.
+            raise ResultError(f"{self.path}: line {pending_bad.lineno} is not a {SCHEMA_ID} record, so this "
+                              "is not stg batch output; choose another --out")
         if pending_bad is not None:
             os.ftruncate(self._fd, pending_bad.start)
             os.fsync(self._fd)

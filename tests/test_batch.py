@@ -101,6 +101,62 @@ def test_bad_video_is_an_error_line_and_exit_1(folder, tmp_path, capsys, clip):
     for d in bad:
         assert d["span"] is None and d["track"] == [] and d["error"]["message"]
         validate(d)
+    # each failure names its manifest line, in its error line and on stderr
+    missing = next(d for d in bad if d["video"]["path"].endswith("missing.mp4"))
+    assert "m.jsonl: line 3" in missing["error"]["message"] and "m.jsonl: line 3" in err
+
+
+def test_resume_matches_a_video_however_its_path_is_spelled(folder, tmp_path, model, monkeypatch):
+    (folder / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "query": "the red circle"}) + "\n")
+    out = tmp_path / "o.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert run_batch(Path("clips/m.jsonl"), out, model=model, progress=False) == (1, 0, 0)
+    assert run_batch(folder / "m.jsonl", out, model=model, progress=False) == (0, 0, 1)
+    assert run_batch(Path("clips/sub/../m.jsonl"), out, model=model, progress=False) == (0, 0, 1)
+    assert len(lines(out)) == 1
+
+
+def test_manifest_encodings_and_line_numbers(folder, tmp_path, model, capsys):
+    out = tmp_path / "o.jsonl"
+    (folder / "bom.csv").write_bytes("\ufeffvideo,query\na.mp4,the red circle\n".encode())
+    assert run_batch(folder / "bom.csv", out, model=model, progress=False) == (1, 0, 0)
+    # a query holding U+2028 is one JSONL line
+    (folder / "sep.jsonl").write_text(json.dumps({"video": "b.mp4", "query": "the red\u2028circle"},
+                                                 ensure_ascii=False) + "\n", encoding="utf-8")
+    assert run_batch(folder / "sep.jsonl", out, model=model, progress=False) == (1, 0, 0)
+    (folder / "latin1.csv").write_bytes("video,query\na.mp4,the caf\xe9 circle\n".encode("latin-1"))
+    code, _, err = run(capsys, "batch", str(folder / "latin1.csv"), "--out", str(out))
+    assert_user_error(code, err, "latin1.csv: line 2", "UTF-8")
+    # CSV errors name the file's line, blank lines included
+    (folder / "blank.csv").write_text("video,query\n\n\na.mp4,x\nb.mp4,\n")
+    code, _, err = run(capsys, "batch", str(folder / "blank.csv"), "--out", str(out))
+    assert_user_error(code, err, "blank.csv: line 5", "query")
+
+
+def test_output_that_is_not_batch_output_is_refused(folder, tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes, one finished line\n")
+    code, _, err = run(capsys, "batch", str(folder), "--query", "x", "--out", str(notes))
+    assert_user_error(code, err, "notes.txt", "not a stg.grounding/v1 record")
+    assert notes.read_text() == "my notes, one finished line\n"
+
+
+@pytest.mark.parametrize("where", ["folder", "under_a_file", "unwritable"])
+def test_unusable_out_is_one_line_before_any_work(folder, tmp_path, capsys, where):
+    if where == "folder":
+        out = tmp_path
+    elif where == "under_a_file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "o.jsonl"
+    else:
+        if os.geteuid() == 0:
+            out = Path("/proc/stg-test/o.jsonl")  # refused even to root
+        else:
+            ro = tmp_path / "ro"
+            ro.mkdir(mode=0o500)
+            out = ro / "o.jsonl"
+    code, _, err = run(capsys, "batch", str(folder), "--query", "x", "--out", str(out))
+    assert_user_error(code, err, str(out))
 
 
 def test_kill_9_mid_batch_then_resume(folder, tmp_path):

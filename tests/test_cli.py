@@ -124,6 +124,32 @@ def test_human_summary_and_render(capsys, tmp_path):
         assert sum(1 for _ in c.decode(video=0)) == 150
 
 
+def test_ground_never_overwrites_without_force(capsys, tmp_path, monkeypatch):
+    import shutil
+
+    from stgcli import pipeline
+
+    def no_model(*a, **k):
+        raise AssertionError("the model ran before the output path was checked")
+
+    kept = tmp_path / "kept.json"
+    kept.write_text('{"precious": true}')
+    video = tmp_path / "v.mp4"
+    shutil.copy(EXAMPLE, video)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "ground", no_model)
+        for args, needle in (((("--out", str(kept)),), "exists"), ((("--render", str(kept)),), "exists"),
+                             ((("--out", str(video)),), "input video"),
+                             ((("--out", str(kept / "x.json")),), "is a file")):
+            code, _, err = run(capsys, "ground", str(video), "the red circle", "--device", "cpu", *args[0])
+            assert_user_error(code, err, needle)
+    assert kept.read_text() == '{"precious": true}' and video.read_bytes() == EXAMPLE.read_bytes()
+    code, _, err = run(capsys, "ground", str(video), "the red circle", "--device", "cpu", "--out", str(kept),
+                       "--force")
+    assert code == 0, err
+    assert json.loads(kept.read_text())["schema"] == "stg.grounding/v1"
+
+
 def test_real_subprocess_exit_codes(tmp_path):
     ok = subprocess.run([sys.executable, "-m", "stgcli", "--version"], capture_output=True, text=True)
     assert ok.returncode == 0

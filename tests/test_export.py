@@ -137,3 +137,14 @@ def test_mot_export_of_a_real_grounding(tmp_path, capsys):
     assert [int(f) - 1 for f in mot[:, 0]] == [t["frame"] for t in doc["track"]]
     assert (mot[:, 2] >= 0).all() and (mot[:, 4] > 0).all() and (mot[:, 5] > 0).all()
     assert (mot[:, 2] + mot[:, 4] <= doc["video"]["width"] + 0.01).all()
+
+
+def test_export_to_an_unusable_place_is_one_line(tmp_path, capsys):
+    src = write_json_atomic(tmp_path / "r.json", make_result())
+    jl = tmp_path / "r.jsonl"
+    with JsonlWriter(jl) as w:
+        w.append(make_result())
+    (tmp_path / "f").write_text("x")
+    for source, fmt, out in ((src, "csv", tmp_path / "f" / "o.csv"), (jl, "mot", tmp_path / "f" / "mot")):
+        code, _, err = run(capsys, "export", str(source), "--format", fmt, "--out", str(out))
+        assert_user_error(code, err, "cannot write there")

@@ -432,6 +432,18 @@ def test_jsonl_torn_last_line_is_repaired(tmp_path, tail):
     assert not torn and [r["video"]["path"] for r in records] == ["a.mp4", "b.mp4", "c.mp4"]
 
 
+def test_jsonl_finished_foreign_last_line_is_refused_not_cut(tmp_path):
+    path = tmp_path / "b.jsonl"
+    with JsonlWriter(path) as out:
+        out.append(make_result("a.mp4", "q"))
+    with open(path, "ab") as f:
+        f.write(b"# second run: different model\n")  # someone's note, not a crash leftover
+    before = path.read_bytes()
+    with pytest.raises(ResultError, match="line 2 is not a stg.grounding/v1 record"):
+        JsonlWriter(path)
+    assert path.read_bytes() == before
+
+
 def test_jsonl_complete_last_record_without_newline_is_kept(tmp_path):
     path = tmp_path / "b.jsonl"
     path.write_text(make_result("a.mp4", "q").to_json(), encoding="utf-8")  # no final "\n"
