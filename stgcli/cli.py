@@ -5,7 +5,6 @@ Every user mistake is a `UserError`: exit code 2, one line on stderr, no traceba
 """
 from __future__ import annotations
 
-import os
 import sys
 import traceback
 from pathlib import Path
@@ -84,11 +83,6 @@ def _echo_warnings(warnings) -> None:
         click.echo(f"stg: warning: {w}", err=True)
 
 
-def _refuse_input_as_output(video: Path, out: Path, option: str) -> None:
-    if out.exists() and video.exists() and os.path.samefile(video, out):
-        raise UserError(f"{out}: is the input video; choose another {option}")
-
-
 def _echo_notes(notes) -> None:
     for n in notes:
         click.echo(f"stg: note: {n}", err=True)
@@ -142,8 +136,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
     check_video_path(video)
     for p, opt in ((out_path, "--out"), (render_path, "--render")):  # before the model runs, not after
         if p is not None:
-            _refuse_input_as_output(video, p, opt)
-            check_output_path(p, force, opt)
+            check_output_path(p, force, opt, source=video)
     if device == "auto" and resolve_device("auto") == "cpu":
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
@@ -215,8 +208,7 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{result}: not a stg.grounding/v1 document ({e})") from None
     out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
-    _refuse_input_as_output(video, out_path, "--out")
-    check_output_path(out_path, force)
+    check_output_path(out_path, force, source=video)
     notes: list[str] = []
     run(video, res, out_path, overlays, notes=notes)
     _echo_notes(notes)

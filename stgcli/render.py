@@ -194,8 +194,6 @@ class _Audio:
             self.dst.mux(pkt)
 
     def _encode(self) -> None:
-        from fractions import Fraction
-
         import av
 
         rate = self.a_out.codec_context.sample_rate

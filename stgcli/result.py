@@ -745,10 +745,14 @@ def cannot_write(path: Path, e: OSError) -> ResultError:
     return ResultError(f"{path}: cannot write there ({e.strerror or e}); choose another output path")
 
 
-def check_output_path(path: str | os.PathLike[str], force: bool = False, option: str = "--out") -> None:
-    """Before any work is done: refuse a folder, an existing file unless `force`, and a location
-    whose nearest existing parent is a file or not writable."""
+def check_output_path(path: str | os.PathLike[str], force: bool = False, option: str = "--out",
+                      source: str | os.PathLike[str] | None = None) -> None:
+    """Before any work is done: refuse the `source` file itself (even with `force`), a folder, an
+    existing file unless `force`, and a location whose nearest existing parent is a file or not
+    writable."""
     p = Path(path)
+    if source is not None and p.exists() and os.path.exists(source) and os.path.samefile(source, p):
+        raise ResultError(f"{p}: is the input video; choose another {option}")
     if p.is_dir():
         raise ResultError(f"{p}: is a folder; give {option} a file name")
     if p.exists() and not force:
@@ -833,9 +837,10 @@ except ImportError:  # pragma: no cover - Windows
 class JsonlWriter:
     """Crash-safe, resumable JSONL output for `stg batch`: one whole, fsynced line per result.
 
-    On open, a torn last line (invalid JSON without its newline, as left by kill -9 or a power
-    loss) is truncated away (`repaired`); any other line that is not a record makes it refuse the file, and the (video.path, query) keys already present are loaded
-    so a rerun can skip finished items. `append` refuses duplicates; a failed write is rolled
+    On open, a torn last line (what kill -9 or a power loss leaves mid-append: no newline, NULs,
+    a cut record) is truncated away (`repaired`); any other line that is not a record makes it
+    refuse the file. The (video.path, query) keys already present are loaded so a rerun can skip
+    finished items. `append` refuses duplicates; a failed write is rolled
     back so the file never keeps a half line. An exclusive advisory lock (POSIX) stops a second
     writer on the same file.
     """
