@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
+    except click.UsageError as e:  # one line, like every other mistake: what, and where help is
+        command = e.ctx.command_path if e.ctx is not None else "stg"
+        _fail(f"{e.format_message().rstrip('.')} (see '{command} --help')", 2)
     except click.ClickException as e:
-        e.show()
-        sys.exit(2)
+        _fail(e.format_message(), 2)
     except UserError as e:
         if debug:
             traceback.print_exc()

@@ -45,6 +45,21 @@ def test_help_and_version(capsys):
     assert code == 0 and "stg" in out
 
 
+@pytest.mark.parametrize("args,needles", [
+    (("ground", "clip.mp4"), ("Missing argument 'QUERY'", "'stg ground --help'")),
+    (("ground", "--frames", "abc", "clip.mp4", "q"), ("'--frames'", "'abc'", "'stg ground --help'")),
+    (("batch", "--nope"), ("No such option '--nope'", "'stg batch --help'")),
+    (("bogus",), ("No such command 'bogus'", "'stg --help'")),
+])
+def test_usage_mistakes_are_one_line_naming_the_help(capsys, args, needles):
+    """Click's own usage errors follow the same rule as ours: exit 2, one line, where help is."""
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith("stg: error: "), err
+    for n in needles:
+        assert n in err, (n, err)
+
+
 @pytest.mark.parametrize("name,needle", [
     ("missing.mp4", "no such file"),
     ("text.mp4", "text.mp4"),
