@@ -17,6 +17,7 @@ from collections import deque
 from contextlib import contextmanager, nullcontext
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import UserError
 from .pipeline import normalize_query
@@ -122,18 +123,29 @@ def _cores_per_clip(device: str, threads: int):
         torch.set_num_threads(before)
 
 
+class BatchCounts(NamedTuple):
+    """What a batch run did: pairs grounded, failed, skipped as already in the output, and how many
+    of those skipped had failed in an earlier run (still failures: `retry_failed` runs them again)."""
+    grounded: int
+    failed: int
+    skipped: int
+    failed_earlier: int = 0
+
+
 def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
               device: str = "auto", quant: str | None = None, resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,
-              items=None,
-              desc: str = "batch") -> tuple[int, int, int]:
-    """Ground every pair; returns (succeeded, failed, skipped as already done).
+              items=None, retry_failed: bool = False,
+              desc: str = "batch") -> BatchCounts:
+    """Ground every pair not yet in `out_path`; returns what it did (BatchCounts).
 
     Pairs come from `source` (folder + `query`, or a manifest), or, for library callers such
     as `stg eval`, from `items`: (video, query) or (video, query, start_s, end_s) tuples, the
     window limiting where the model looks. Either way a pair is identified by (video, query):
-    that is what resume skips, and the first window given for a pair is the one used.
+    that is what resume skips, and the first window given for a pair is the one used. A pair whose
+    last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
+    and its new line supersedes the error line, which stays (the file is append-only).
     `workers + 1` threads take clips from decode to result (PyAV and torch release the GIL while
     they work): `workers` decode ahead while one is in the model. At most `workers + 3` clips are
     in flight, so memory does not grow with the batch. Default: `default_workers()`.
@@ -159,12 +171,14 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
               "grounded again", file=sys.stderr)
     # One file however it is spelled (relative or absolute, "a/../b", a symlink): a rerun that names
     # the manifest another way must not ground every pair a second time.
-    done = {(_file_key(v), q) for v, q in writer.keys()}
+    failed = {(_file_key(v), q) for v, q in writer.failed()}
+    done = {(_file_key(v), q) for v, q in writer.keys()} - (failed if retry_failed else set())
     unique = {}
     for it in items:
         unique.setdefault((_file_key(it[0]), it[1]), it)
     todo = [it for key, it in unique.items() if key not in done]
     skipped = len(items) - len(todo)  # duplicates of a pair count as already done
+    failed_earlier = sum(1 for key in unique if key in failed and key in done)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
                                                                      span_decoding=span_decoding)
@@ -206,7 +220,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
             n_failed += not ok
             if not ok and progress:
                 bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
-            writer.append(res)
+            writer.append(res, retry=retry_failed)
             bar.update(1)
     bar.close()
-    return n_ok, n_failed, skipped
+    return BatchCounts(n_ok, n_failed, skipped, failed_earlier)

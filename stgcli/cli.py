@@ -171,19 +171,24 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
               help="Clips decoding ahead of the one in the model (on CPU the model runs in these threads too).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
+@click.option("--retry-failed", is_flag=True,
+              help="Ground again the pairs whose line in --out is an error; the new line supersedes it.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
 def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, span_decoding, workers, resume,
-          allow_pickle) -> None:
+          retry_failed, allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
     from .result import check_output_path
 
     check_output_path(out_path, force=True)  # appended to when it exists; a folder or unwritable place is not
-    n_ok, n_failed, n_skipped = run_batch(source, out_path, query=query, model=model_name, frames=frames,
-                                          device=device, quant=quant, resume=resume, workers=workers,
-                                          allow_pickle=allow_pickle, span_decoding=span_decoding)
-    click.echo(f"stg: {n_ok} grounded, {n_failed} failed, {n_skipped} already done -> {out_path}", err=True)
-    if n_failed:
+    counts = run_batch(source, out_path, query=query, model=model_name, frames=frames, device=device,
+                       quant=quant, resume=resume, workers=workers, allow_pickle=allow_pickle,
+                       span_decoding=span_decoding, retry_failed=retry_failed)
+    earlier = (f" ({counts.failed_earlier} of them failed in an earlier run; --retry-failed grounds those "
+               "again)") if counts.failed_earlier else ""
+    click.echo(f"stg: {counts.grounded} grounded, {counts.failed} failed, {counts.skipped} already done{earlier} "
+               f"-> {out_path}", err=True)
+    if counts.failed or counts.failed_earlier:  # the output holds failures either way
         sys.exit(1)
 
 
@@ -285,6 +290,8 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
 @_model_options
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Predictions JSONL (resumable; default: ANNOTATIONS-stem.preds.jsonl here).")
+@click.option("--retry-failed", is_flag=True,
+              help="Run the model again on samples whose line in --out is an error.")
 @click.option("--protocol", default="stg", show_default=True, metavar="stg|tubedetr",
               help="stg: every frame, inclusive spans. tubedetr: frames sampled at 5 fps, as published tables.")
 @click.option("--per-sample", "per_sample", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -292,8 +299,8 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: vIoU histogram and tIoU-vs-vIoU scatter (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the metrics as one JSON object.")
-def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol, per_sample, plot_path, frames,
-          device, quant, span_decoding, as_json) -> None:
+def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_failed, protocol, per_sample, plot_path,
+          frames, device, quant, span_decoding, as_json) -> None:
     """Score a model on annotated videos: m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5."""
     import json
 
@@ -314,7 +321,7 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, protocol,
         check_plot_available()
     report = evaluate(annotations, fmt, videos=videos, predictions=predictions, model=model_name, out=out_path,
                       protocol=protocol, frames=frames, device=device, quant=quant,
-                      span_decoding=span_decoding)
+                      span_decoding=span_decoding, retry_failed=retry_failed)
     _echo_warnings(report.warnings)
     if per_sample is not None:
         write_per_sample_csv(per_sample, report.scores)

@@ -107,9 +107,12 @@ def find_videos(samples: Sequence[Sample], videos_dir: str | os.PathLike[str]) -
 
 
 def index_predictions(records: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
-    """(file name, query) and (stem, query) -> prediction record; the first record of a key wins."""
+    """(file name, query) and (stem, query) -> prediction record. A pair written twice (retried after
+    an error) counts by its last record; of two videos sharing a name, the first listed wins."""
+    from .result import latest_per_pair
+
     index: dict[tuple[str, str], Mapping[str, Any]] = {}
-    for r in records:
+    for r in latest_per_pair(records):
         try:
             video, query = str(r["video"]["path"]), normalize_query(r["query"])
         except (KeyError, TypeError):
@@ -217,13 +220,14 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
              predictions: str | os.PathLike[str] | None = None, model: Any = None,
              out: str | os.PathLike[str] | None = None, protocol: str = "stg", frames: int | None = None,
              device: str = "auto", quant: str | None = None, progress: bool = True,
-             span_decoding: str = "joint") -> EvalReport:
+             span_decoding: str = "joint", retry_failed: bool = False) -> EvalReport:
     """Score a model on an annotation file: run it over `videos`, or read `predictions`.
 
     With `predictions` (a `stg batch`/`stg eval` JSONL) nothing runs and `videos` is not needed.
     Otherwise `videos` is required, the model runs on every annotated (video, query) not yet in
     `out` (default: `<annotations stem>.preds.jsonl` in the current folder), within VidSTG's
-    used segment where there is one, and `out` is then scored.
+    used segment where there is one (with `retry_failed`, also on those whose line there is an
+    error), and `out` is then scored.
     """
     from .result import read_jsonl
 
@@ -234,6 +238,8 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
     if predictions is not None and out is not None:
         raise UserError("--out is where a model run writes its predictions; with --predictions nothing runs, "
                         "so drop --out")
+    if predictions is not None and retry_failed:
+        raise UserError("--retry-failed runs the model again; with --predictions nothing runs, so drop it")
     if predictions is not None and model is not None:
         raise UserError("--model runs a model; with --predictions nothing runs, so drop --model")
     samples = load_annotations(annotations, fmt)
@@ -283,7 +289,11 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
                 items.append((str(found[s.video]), s.query) + (win if win is not None else ()))
         from .batch import run_batch
 
-        run_batch(None, pred_path, model=loaded, frames=frames, progress=progress, items=items, desc="eval")
+        counts = run_batch(None, pred_path, model=loaded, frames=frames, progress=progress, items=items,
+                           retry_failed=retry_failed, desc="eval")
+        if counts.failed_earlier:
+            warnings.append(f"{_plural(counts.failed_earlier, 'sample')} failed in an earlier run into {pred_path} "
+                            "and were not run again (pass --retry-failed)")
         index = index_predictions(read_jsonl(pred_path).records)
     scores = score(samples, index, protocol, missing)
     if missing:

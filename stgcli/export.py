@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .result import ResultError, read_jsonl, validate, write_text_atomic
+from .result import ResultError, latest_per_pair, read_jsonl, validate, write_text_atomic
 
 FORMATS = ("mot", "csv")
 CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "score", "source")
@@ -29,7 +29,7 @@ def load_results(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
     warnings = []
     if p.suffix.lower() == ".jsonl":
         read = read_jsonl(p)
-        docs = read.records
+        docs = latest_per_pair(read.records)  # a pair retried with --retry-failed: its newest line
         if read.torn:
             warnings.append(f"{p}: the last line is incomplete (a batch was interrupted); skipped it")
     else:

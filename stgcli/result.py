@@ -57,6 +57,7 @@ __all__ = [
     "VideoMeta",
     "build_track",
     "error_result",
+    "latest_per_pair",
     "load_schema",
     "read_jsonl",
     "sanitize_xyxy",
@@ -770,6 +771,23 @@ def _record_key(doc: Any) -> tuple[str, str]:
     return (str(doc["video"]["path"]), str(doc["query"]))
 
 
+def latest_per_pair(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """One record per (video.path, query): the last one written, in the order pairs first appear.
+
+    A batch output is append-only, so a pair retried with `stg batch --retry-failed` keeps its
+    old error line and gains a newer one; readers take the newest. Records without a key pass
+    through unchanged.
+    """
+    latest: dict[Any, Mapping[str, Any]] = {}
+    for i, r in enumerate(records):
+        try:
+            key: Any = _record_key(r)
+        except (KeyError, TypeError):
+            key = ("", i)
+        latest[key] = r  # a dict keeps the first insertion's position when a value is replaced
+    return list(latest.values())
+
+
 class _Line(NamedTuple):
     lineno: int
     start: int  # byte offset of the line
@@ -840,15 +858,15 @@ class JsonlWriter:
     On open, a torn last line (what kill -9 or a power loss leaves mid-append: no newline, NULs,
     a cut record) is truncated away (`repaired`); any other line that is not a record makes it
     refuse the file. The (video.path, query) keys already present are loaded so a rerun can skip
-    finished items. `append` refuses duplicates; a failed write is rolled
-    back so the file never keeps a half line. An exclusive advisory lock (POSIX) stops a second
+    finished items. `append` refuses a key already there, unless `retry` and that key's last
+    record is an error; a failed write is rolled back so the file never keeps a half line. An exclusive advisory lock (POSIX) stops a second
     writer on the same file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.repaired = False  # True when a torn last line was truncated on open
-        self._keys: set[tuple[str, str]] = set()
+        self._keys: dict[tuple[str, str], bool] = {}  # key -> its last record is an error
         self._lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
         try:
@@ -874,7 +892,7 @@ class JsonlWriter:
         assert self._fd is not None
         last: _Line | None = None
         pending_bad: _Line | None = None
-        keys: set[tuple[str, str]] = set()
+        keys: dict[tuple[str, str], bool] = {}
         with open(self.path, "rb") as f:
             for line in _scan_lines(f):
                 if pending_bad is not None:
@@ -883,8 +901,8 @@ class JsonlWriter:
                     pending_bad = line
                     continue
                 try:
-                    keys.add(_record_key(line.doc))
-                except (KeyError, TypeError) as e:
+                    keys[_record_key(line.doc)] = bool(line.doc.get("error"))
+                except (KeyError, TypeError, AttributeError) as e:
                     raise ResultError(
                         f"{self.path}: line {line.lineno} is not a {SCHEMA_ID} record "
                         "(no video.path/query)"
@@ -910,21 +928,27 @@ class JsonlWriter:
         with self._lock:
             return set(self._keys)
 
+    def failed(self) -> set[tuple[str, str]]:
+        """The keys whose last record is an error (what `stg batch --retry-failed` grounds again)."""
+        with self._lock:
+            return {k for k, err in self._keys.items() if err}
+
     def __contains__(self, key: object) -> bool:
         return key in self._keys
 
     def __len__(self) -> int:
         return len(self._keys)
 
-    def append(self, result: GroundingResult | Mapping[str, Any]) -> bool:
-        """Write one record as one line, flushed and fsynced. False if its key is already there."""
+    def append(self, result: GroundingResult | Mapping[str, Any], retry: bool = False) -> bool:
+        """Write one record as one line, flushed and fsynced. False if its key is already there,
+        unless `retry` and the key's last record there is an error (the new line supersedes it)."""
         doc = _as_dict(result)
         key = _record_key(doc)
         data = (_dumps(doc) + "\n").encode("utf-8")  # json escapes newlines: one physical line
         with self._lock:
             if self._fd is None:
                 raise ValueError(f"{self.path}: writer is closed")
-            if key in self._keys:
+            if key in self._keys and not (retry and self._keys[key]):
                 return False
             size = os.fstat(self._fd).st_size
             try:
@@ -936,7 +960,7 @@ class JsonlWriter:
                 except OSError:
                     pass
                 raise
-            self._keys.add(key)
+            self._keys[key] = bool(doc.get("error"))
             return True
 
     def close(self) -> None:

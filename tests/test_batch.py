@@ -40,17 +40,17 @@ def lines(path: Path) -> list[dict]:
 
 def test_folder_with_query_and_resume(folder, tmp_path, model):
     out = tmp_path / "r.jsonl"
-    ok, failed, skipped = run_batch(folder, out, query="the red circle", model=model, progress=False)
+    ok, failed, skipped, _ = run_batch(folder, out, query="the red circle", model=model, progress=False)
     assert (ok, failed, skipped) == (3, 0, 0)
     docs = lines(out)
     assert sorted(Path(d["video"]["path"]).name for d in docs) == ["a.mp4", "b.mp4", "c.mp4"]
     for d in docs:
         validate(d)
-    ok, failed, skipped = run_batch(folder, out, query="the red circle", model=model, progress=False)
+    ok, failed, skipped, _ = run_batch(folder, out, query="the red circle", model=model, progress=False)
     assert (ok, failed, skipped) == (0, 0, 3)
     assert len(lines(out)) == 3  # nothing duplicated
     # a new query on the same videos is new work
-    ok, _, skipped = run_batch(folder, out, query="the blue square", model=model, progress=False)
+    ok, _, skipped, _ = run_batch(folder, out, query="the blue square", model=model, progress=False)
     assert (ok, skipped) == (3, 0)
     assert len(lines(out)) == 6
 
@@ -59,11 +59,11 @@ def test_manifest_jsonl_and_csv_relative_paths(folder, tmp_path, model):
     (folder / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "query": "the red circle"}) + "\n\n"
                                     + json.dumps({"video": "sub/c.mp4", "query": "the blue square"}) + "\n")
     out = tmp_path / "m.jsonl"
-    assert run_batch(folder / "m.jsonl", out, model=model, progress=False) == (2, 0, 0)
+    assert run_batch(folder / "m.jsonl", out, model=model, progress=False) == (2, 0, 0, 0)
     assert [d["query"] for d in lines(out)] == ["the red circle", "the blue square"]
     (folder / "m.csv").write_text("video,query\nb.mp4,the yellow circle\n")
     out2 = tmp_path / "c.jsonl"
-    assert run_batch(folder / "m.csv", out2, model=model, progress=False) == (1, 0, 0)
+    assert run_batch(folder / "m.csv", out2, model=model, progress=False) == (1, 0, 0, 0)
     assert lines(out2)[0]["video"]["path"].endswith("b.mp4")
 
 
@@ -110,20 +110,20 @@ def test_resume_matches_a_video_however_its_path_is_spelled(folder, tmp_path, mo
     (folder / "m.jsonl").write_text(json.dumps({"video": "a.mp4", "query": "the red circle"}) + "\n")
     out = tmp_path / "o.jsonl"
     monkeypatch.chdir(tmp_path)
-    assert run_batch(Path("clips/m.jsonl"), out, model=model, progress=False) == (1, 0, 0)
-    assert run_batch(folder / "m.jsonl", out, model=model, progress=False) == (0, 0, 1)
-    assert run_batch(Path("clips/sub/../m.jsonl"), out, model=model, progress=False) == (0, 0, 1)
+    assert run_batch(Path("clips/m.jsonl"), out, model=model, progress=False) == (1, 0, 0, 0)
+    assert run_batch(folder / "m.jsonl", out, model=model, progress=False) == (0, 0, 1, 0)
+    assert run_batch(Path("clips/sub/../m.jsonl"), out, model=model, progress=False) == (0, 0, 1, 0)
     assert len(lines(out)) == 1
 
 
 def test_manifest_encodings_and_line_numbers(folder, tmp_path, model, capsys):
     out = tmp_path / "o.jsonl"
     (folder / "bom.csv").write_bytes("\ufeffvideo,query\na.mp4,the red circle\n".encode())
-    assert run_batch(folder / "bom.csv", out, model=model, progress=False) == (1, 0, 0)
+    assert run_batch(folder / "bom.csv", out, model=model, progress=False) == (1, 0, 0, 0)
     # a query holding U+2028 is one JSONL line
     (folder / "sep.jsonl").write_text(json.dumps({"video": "b.mp4", "query": "the red\u2028circle"},
                                                  ensure_ascii=False) + "\n", encoding="utf-8")
-    assert run_batch(folder / "sep.jsonl", out, model=model, progress=False) == (1, 0, 0)
+    assert run_batch(folder / "sep.jsonl", out, model=model, progress=False) == (1, 0, 0, 0)
     (folder / "latin1.csv").write_bytes("video,query\na.mp4,the caf\xe9 circle\n".encode("latin-1"))
     code, _, err = run(capsys, "batch", str(folder / "latin1.csv"), "--out", str(out))
     assert_user_error(code, err, "latin1.csv: line 2", "UTF-8")
@@ -192,8 +192,8 @@ def test_frames_below_one_is_a_user_error_before_any_work(folder, tmp_path, caps
 def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, capsys, clip):
     shutil.copy(clip("text.mp4"), folder / "broken.mp4")
     one, three = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
-    assert run_batch(folder, one, query="the red circle", model=model, progress=False) == (3, 1, 0)
-    assert run_batch(folder, three, query="the red circle", model=model, progress=False, workers=3) == (3, 1, 0)
+    assert run_batch(folder, one, query="the red circle", model=model, progress=False) == (3, 1, 0, 0)
+    assert run_batch(folder, three, query="the red circle", model=model, progress=False, workers=3) == (3, 1, 0, 0)
 
     def comparable(d):
         d = dict(d)
@@ -234,7 +234,7 @@ def test_model_runs_side_by_side_on_cpu_and_one_at_a_time_on_gpu(folder, tmp_pat
     monkeypatch.setattr(pipeline, "ground_prepared", ground_prepared)
     loaded = dataclasses.replace(model, device=device)
     out = tmp_path / "r.jsonl"
-    assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (9, 0, 0)
+    assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (9, 0, 0, 0)
     assert peak[0] == most
     assert len(lines(out)) == 9
 
@@ -245,3 +245,35 @@ def test_default_workers_follow_the_cores(monkeypatch, cores, want):
 
     monkeypatch.setattr(batch.os, "cpu_count", lambda: cores)
     assert batch.default_workers() == want
+
+
+def test_failed_pairs_are_retried_only_when_asked(folder, tmp_path, capsys, clip):
+    """A rerun leaves earlier failures alone but says so and exits 1; --retry-failed grounds them
+    again, appending a line that readers take over the error line (which stays)."""
+    shutil.copy(clip("text.mp4"), folder / "broken.mp4")
+    out = tmp_path / "r.jsonl"
+    args = ("batch", str(folder), "--query", "the red circle", "--out", str(out))
+    code, _, err = run(capsys, *args)
+    assert code == 1 and "3 grounded, 1 failed" in err
+    code, _, err = run(capsys, *args)
+    assert code == 1, err
+    assert "0 grounded, 0 failed, 4 already done (1 of them failed in an earlier run; --retry-failed" in err
+    assert len(lines(out)) == 4
+
+    shutil.copy(EXAMPLE, folder / "broken.mp4")  # the user fixes the file
+    code, _, err = run(capsys, *args, "--retry-failed")
+    assert code == 0 and "1 grounded, 0 failed, 3 already done ->" in err, err
+    docs = lines(out)
+    broken = [d for d in docs if d["video"]["path"].endswith("broken.mp4")]
+    assert len(docs) == 5 and len(broken) == 2
+    assert "error" in broken[0] and "error" not in broken[1] and docs[-1] is broken[1]
+    code, _, err = run(capsys, *args, "--retry-failed")  # nothing failed is left: nothing runs
+    assert code == 0 and "0 grounded, 0 failed, 4 already done ->" in err, err
+    assert len(lines(out)) == 5
+
+    csv_path = tmp_path / "r.csv"
+    code, _, err = run(capsys, "export", str(out), "--format", "csv", "--out", str(csv_path))
+    assert code == 0, err
+    rows = csv_path.read_text().splitlines()[1:]
+    assert len({r.split(",")[0] for r in rows}) == 4  # broken.mp4 exports its new track
+    assert "no track" not in err  # the superseded error line is not counted as a result

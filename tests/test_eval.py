@@ -221,6 +221,17 @@ def test_matching_by_file_name_and_failed_samples():
                                "n_failed": 2}
 
 
+def test_a_retried_pair_scores_by_its_last_line():
+    """`stg batch --retry-failed` appends a new line after the error line; the newer one counts."""
+    from stgcli.annotations import Sample
+
+    s = Sample("a.mp4", "the dog", (0, 9), gt(0, 9), eval_range=(0, 49))
+    retried = [pred(None, video="a.mp4", query="the dog", error="cannot decode"), pred(0, 9, video="a.mp4",
+                                                                                         query="the dog")]
+    assert [o.status for o in score([s], index_predictions(retried))] == ["ok"]
+    assert [o.status for o in score([s], index_predictions(retried[::-1]))] == ["failed: cannot decode"]
+
+
 # --- command line ------------------------------------------------------------------------------
 
 
@@ -500,3 +511,24 @@ def test_plot_failing_midway_leaves_the_old_png_whole(tmp_path, monkeypatch):
         plot(tmp_path / "p.png", scores[:1])
     assert png.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["p.png"]
+
+
+def test_eval_retries_a_failed_sample_only_when_asked(shapes, tmp_path, capsys):
+    from stgcli.result import error_result
+
+    d, rows, hc = shapes
+    out = tmp_path / "preds.jsonl"
+    failed = error_result(str(d / "clips" / rows[0]["video"]), rows[0]["query"], "VideoError", "was unreadable")
+    out.write_text(failed.to_json() + "\n")
+    args = ("eval", "--annotations", str(hc), "--format", "hcstvg", "--videos", str(d / "clips"),
+            "--out", str(out), "--device", "cpu", "--json")
+    code, stdout, err = run(capsys, *args)
+    assert code == 0 and "1 sample failed in an earlier run" in err and "--retry-failed" in err, err
+    assert json.loads(stdout)["n_failed"] == 2  # that sample and the missing ghost.mp4
+    code, stdout, err = run(capsys, *args, "--retry-failed")
+    assert code == 0 and "earlier run" not in err, err
+    assert json.loads(stdout)["n_failed"] == 1
+    assert len(out.read_text().splitlines()) == 4  # 1 error line + 3 grounded, the error kept
+    code, _, err = run(capsys, "eval", "--annotations", str(hc), "--format", "hcstvg", "--predictions",
+                       str(out), "--retry-failed")
+    assert_user_error(code, err, "--retry-failed")

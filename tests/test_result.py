@@ -23,6 +23,7 @@ from stgcli.result import (
     VideoMeta,
     build_track,
     error_result,
+    latest_per_pair,
     read_jsonl,
     sanitize_xyxy,
     validate,
@@ -532,3 +533,22 @@ def test_jsonl_survives_kill_9_of_a_writer(tmp_path):
         assert out.append(error_result("new.mp4", "q", "E", "x"))
     assert len(read_jsonl(path).records) == n + 1 and not read_jsonl(path).torn
 
+
+
+def test_writer_retry_supersedes_only_an_error(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with JsonlWriter(path) as out:
+        out.append(error_result("a.mp4", "q", "VideoError", "broken"))
+        out.append(make_result("b.mp4", "q"))
+    with JsonlWriter(path) as out:
+        assert out.failed() == {("a.mp4", "q")}
+        assert not out.append(make_result("a.mp4", "q"))  # without retry a key is never written twice
+        assert not out.append(make_result("b.mp4", "q"), retry=True)  # a success is never superseded
+        assert out.append(make_result("a.mp4", "q"), retry=True)
+        assert out.failed() == set()
+        assert not out.append(make_result("a.mp4", "q"), retry=True)
+    docs = read_jsonl(path).records
+    assert [d["video"]["path"] for d in docs] == ["a.mp4", "b.mp4", "a.mp4"]
+    latest = latest_per_pair(docs)
+    assert [d["video"]["path"] for d in latest] == ["a.mp4", "b.mp4"]
+    assert "error" not in latest[0] and latest[0] is docs[2]
