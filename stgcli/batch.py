@@ -99,6 +99,29 @@ def _file_key(path: str) -> str:
     return os.path.realpath(path)
 
 
+def _recorded_keys(recorded: set[tuple[str, str]], wanted: set[tuple[str, str]]) -> dict:
+    """Map each (video.path, query) in the output to the key of the pair it was written for.
+
+    A path resolves from the current folder, however it is spelled. A relative one that does not
+    exist from here was most likely written by a run started in another folder: it stands for the
+    wanted file whose real path ends with it, if exactly one does (if none or several do, the pair
+    runs again; a second line beats a lost result).
+    """
+    by_name: dict[tuple[str, str], list[str]] = {}
+    for path, query in wanted:
+        by_name.setdefault((os.path.basename(path), query), []).append(path)
+    out = {}
+    for video, query in recorded:
+        key = (_file_key(video), query)
+        if key not in wanted and not os.path.isabs(video) and not os.path.lexists(video):
+            tail = os.sep + os.path.normpath(video)
+            hits = [p for p in by_name.get((os.path.basename(tail), query), ()) if p.endswith(tail)]
+            if len(hits) == 1:
+                key = (hits[0], query)
+        out[(video, query)] = key
+    return out
+
+
 def default_workers() -> int:
     """One clip decoding ahead per core beyond the first, at most 4 (a window of a few clips is
     enough to keep the model fed). On 2 cores, 1 and 2 were within this VM's noise of each
@@ -171,11 +194,12 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
               "grounded again", file=sys.stderr)
     # One file however it is spelled (relative or absolute, "a/../b", a symlink): a rerun that names
     # the manifest another way must not ground every pair a second time.
-    failed = {(_file_key(v), q) for v, q in writer.failed()}
-    done = {(_file_key(v), q) for v, q in writer.keys()} - (failed if retry_failed else set())
     unique = {}
     for it in items:
         unique.setdefault((_file_key(it[0]), it[1]), it)
+    recorded = _recorded_keys(writer.keys(), set(unique))
+    failed = {recorded[k] for k in writer.failed()}
+    done = set(recorded.values()) - (failed if retry_failed else set())
     todo = [it for key, it in unique.items() if key not in done]
     skipped = len(items) - len(todo)  # duplicates of a pair count as already done
     failed_earlier = sum(1 for key in unique if key in failed and key in done)

@@ -116,6 +116,26 @@ def test_resume_matches_a_video_however_its_path_is_spelled(folder, tmp_path, mo
     assert len(lines(out)) == 1
 
 
+def test_resume_from_another_folder_finds_the_pairs_written_with_relative_paths(folder, tmp_path, model,
+                                                                                monkeypatch):
+    """Lines record a video's path as given ("clips/a.mp4"); a rerun started from another folder still
+    knows them, unless two wanted files end with that path (then they run again, nothing is lost)."""
+    out = tmp_path / "o.jsonl"
+    monkeypatch.chdir(tmp_path)
+    assert run_batch(Path("clips"), out, query="the red circle", model=model, progress=False) == (3, 0, 0, 0)
+    assert lines(out)[0]["video"]["path"] == "clips/a.mp4"
+    monkeypatch.chdir(folder / "sub")
+    assert run_batch(Path(".."), out, query="the red circle", model=model, progress=False) == (0, 0, 3, 0)
+    monkeypatch.chdir("/")
+    assert run_batch(folder, out, query="the red circle", model=model, progress=False) == (0, 0, 3, 0)
+    assert len(lines(out)) == 3
+    twin = tmp_path / "elsewhere" / "clips"
+    twin.mkdir(parents=True)
+    shutil.copy(EXAMPLE, twin / "a.mp4")  # "clips/a.mp4" now ends two wanted paths
+    items = [(str(folder / "a.mp4"), "the red circle"), (str(twin / "a.mp4"), "the red circle")]
+    assert run_batch(None, out, model=model, progress=False, items=items) == (2, 0, 0, 0)
+
+
 def test_manifest_encodings_and_line_numbers(folder, tmp_path, model, capsys):
     out = tmp_path / "o.jsonl"
     (folder / "bom.csv").write_bytes("\ufeffvideo,query\na.mp4,the red circle\n".encode())
