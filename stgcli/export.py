@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .result import ResultError, latest_per_pair, read_jsonl, validate, write_text_atomic
+from .result import ResultError, check_output_path, latest_per_pair, read_jsonl, validate, write_text_atomic
 
 FORMATS = ("mot", "csv")
 CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "score", "source")
@@ -120,7 +120,7 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
         text = to_csv(docs) if fmt == "csv" else next(iter(to_mot(docs).values()), ("", []))[0]
         if out_p is None:
             return text, [], notes
-        _refuse_overwrite(out_p, force)
+        check_output_path(out_p, force)
         return None, [write_text_atomic(out_p, text)], notes
     if out_p is None:
         raise UserError(f"{src}: MOT export of a .jsonl writes one file per video; pass --out FOLDER")
@@ -139,10 +139,3 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
             w.writerow((names[video], k, video, q))
     written.append(write_text_atomic(out_p / "tracks.csv", index.getvalue()))
     return None, written, notes
-
-
-def _refuse_overwrite(path: Path, force: bool) -> None:
-    if path.is_dir():
-        raise UserError(f"{path}: is a folder; pass a file name to --out")
-    if path.exists() and not force:
-        raise UserError(f"{path}: exists; pass --force to overwrite or choose another --out")

@@ -145,6 +145,7 @@ def test_export_to_an_unusable_place_is_one_line(tmp_path, capsys):
     with JsonlWriter(jl) as w:
         w.append(make_result())
     (tmp_path / "f").write_text("x")
-    for source, fmt, out in ((src, "csv", tmp_path / "f" / "o.csv"), (jl, "mot", tmp_path / "f" / "mot")):
+    for source, fmt, out, needle in ((src, "csv", tmp_path / "f" / "o.csv", "is a file, not a folder"),
+                                     (jl, "mot", tmp_path / "f" / "mot", "cannot write there")):
         code, _, err = run(capsys, "export", str(source), "--format", fmt, "--out", str(out))
-        assert_user_error(code, err, "cannot write there")
+        assert_user_error(code, err, needle)
