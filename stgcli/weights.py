@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import tomllib
@@ -497,18 +498,30 @@ def _attn_implementation(device: str) -> str:
     return "sdpa"
 
 
-def quantization_config(quant: str):
-    """bitsandbytes settings: NF4 + double quant with bf16 compute (4bit) or LLM.int8 (8bit).
-    The vision tower, projector, space decoder and lm_head stay unquantized (bf16): they are small,
-    and the decoder's boxes are sensitive to quantization noise."""
+def quantization_config(quant: str, device: str = "cuda"):
+    """bitsandbytes settings: NF4 + double quant (4bit) or LLM.int8 (8bit), computing in bf16 on
+    CUDA and fp32 on CPU (few CPUs have fast bf16). The vision tower, projector, space decoder and
+    lm_head stay unquantized: they are small, and the decoder's boxes are sensitive to
+    quantization noise."""
     import torch
     from transformers import BitsAndBytesConfig
 
     skip = ["model.vision_tower", "model.multi_modal_projector", "space_decoder", "lm_head"]
     if quant == "4bit":
+        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16, llm_int8_skip_modules=skip)
+                                  bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+
+
+def check_quantization_available(quant: str) -> None:
+    """--quant 4bit/8bit loads through bitsandbytes, which transformers drives with accelerate."""
+    import importlib.util
+
+    missing = [m for m in ("bitsandbytes", "accelerate") if importlib.util.find_spec(m) is None]
+    if quant != "none" and missing:
+        raise UserError(f"--quant {quant} needs {' and '.join(missing)}: pip install "
+                        f"{' '.join(missing)} (or use --quant none)")
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "auto", quant: str | None = None,
@@ -551,15 +564,18 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     device = resolve_device(device)
     if quant is not None and quant not in ("none", "4bit", "8bit"):
         raise UserError(f"--quant {quant}: expected none, 4bit or 8bit")
-    if quant is not None and quant != "none" and not device.startswith("cuda"):
-        raise UserError(f"--quant {quant} needs a CUDA GPU (bitsandbytes); on CPU use --quant none")
-    # A model whose default is 4-bit (the 7B) still loads on a CPU: unquantized there.
+    # A model whose default is 4-bit (the 7B) loads unquantized on a CPU unless --quant says otherwise:
+    # bitsandbytes on CPU saves memory, not time.
     quant = quant or (entry.default_quant if entry and device.startswith("cuda") else "none")
+    check_quantization_available(quant)
     kwargs: dict = {"use_safetensors": use_st, "attn_implementation": _attn_implementation(device)}
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if quant != "none":
-        kwargs["quantization_config"] = quantization_config(quant)
-        kwargs["device_map"] = {"": device}  # one GPU, everything on it
+        kwargs["quantization_config"] = quantization_config(quant, device)
+        kwargs["device_map"] = {"": device}  # one device, everything on it
+        # LLM.int8 logs a warning on every call whose input is not fp16 (fp32 on CPU); stderr is for
+        # stg's own lines
+        logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
     try:
         config = SpaceVLLMConfig.from_pretrained(str(directory))
     except (OSError, ValueError, KeyError, TypeError) as e:
