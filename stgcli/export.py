@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .result import ResultError, check_output_path, latest_per_pair, read_jsonl, validate, write_text_atomic
+from .result import ResultError, check_output_path, latest_per_pair, read_jsonl_lines, validate, write_text_atomic
 
 FORMATS = ("mot", "csv")
 CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "score", "source")
@@ -28,22 +28,22 @@ def load_results(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[st
         raise UserError(f"{p}: no such result file; write one with `stg ground ... --out` or `stg batch`")
     warnings = []
     if p.suffix.lower() == ".jsonl":
-        read = read_jsonl(p)
-        docs = latest_per_pair(read.records)  # a pair retried with --retry-failed: its newest line
-        if read.torn:
+        numbered, torn = read_jsonl_lines(p)
+        if torn:
             warnings.append(f"{p}: the last line is incomplete (a batch was interrupted); skipped it")
     else:
         try:
-            docs = [json.loads(p.read_text(encoding="utf-8"))]
+            numbered = [(0, json.loads(p.read_text(encoding="utf-8")))]
         except (ValueError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: not valid JSON ({e}); pass a stg.grounding/v1 .json or a .jsonl") from None
-    for i, doc in enumerate(docs, 1):
+    for lineno, doc in numbered:
         try:
             validate(doc, semantic=False)
         except ResultError as e:
-            where = f"line {i}" if p.suffix.lower() == ".jsonl" else "document"
+            where = f"line {lineno}" if lineno else "document"
             raise UserError(f"{p}: {where} is not a stg.grounding/v1 result ({e})") from None
-    return docs, warnings
+    # a pair retried with --retry-failed: its newest line
+    return latest_per_pair(doc for _, doc in numbered), warnings
 
 
 def _boxed(docs: list[dict]) -> list[dict]:
@@ -62,15 +62,18 @@ def _mot_rows(doc: dict, track_id: int) -> list[tuple[int, int, str]]:
 
 
 def to_mot(docs: list[dict]) -> dict[str, tuple[str, list[tuple[int, str]]]]:
-    """Per video path: (MOT text, [(track id, query)]). Ids count from 1 per video, in input order."""
+    """Per video path: (MOT text, [(track id, query)]). Ids count from 1 per video, in input order.
+    A video the model saw but boxed nowhere (no span) gets an empty text: MOT scorers expect a file
+    per sequence. A video that failed (an error line) has no result and no entry."""
     per_video: dict[str, list[dict]] = {}
-    for d in _boxed(docs):
-        per_video.setdefault(d["video"]["path"], []).append(d)
+    for d in docs:
+        if not d.get("error"):
+            per_video.setdefault(d["video"]["path"], []).extend([d] if d.get("track") else [])
     out = {}
     for video, items in per_video.items():
         rows = [row for k, d in enumerate(items, 1) for row in _mot_rows(d, k)]
         rows.sort()  # MOT tools expect lines ordered by frame, then id
-        out[video] = ("\n".join(r[2] for r in rows) + "\n", [(k, d["query"]) for k, d in enumerate(items, 1)])
+        out[video] = ("".join(r[2] + "\n" for r in rows), [(k, d["query"]) for k, d in enumerate(items, 1)])
     return out
 
 
@@ -120,7 +123,7 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
         text = to_csv(docs) if fmt == "csv" else next(iter(to_mot(docs).values()), ("", []))[0]
         if out_p is None:
             return text, [], notes
-        check_output_path(out_p, force)
+        check_output_path(out_p, force, source=src, source_kind="results file")
         return None, [write_text_atomic(out_p, text)], notes
     if out_p is None:
         raise UserError(f"{src}: MOT export of a .jsonl writes one file per video; pass --out FOLDER")
@@ -128,6 +131,7 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
         raise UserError(f"{out_p}: is a file; MOT export of a .jsonl needs --out FOLDER")
     if out_p.is_dir() and any(out_p.iterdir()) and not force:
         raise UserError(f"{out_p}: folder is not empty; pass --force to write into it or choose another --out")
+    stale = _previous_export(out_p)
     mot = to_mot(docs)
     names = _unique_names(list(mot))
     written, index = [], io.StringIO()
@@ -135,7 +139,20 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
     w.writerow(("file", "id", "video", "query"))
     for video, (text, ids) in mot.items():
         written.append(write_text_atomic(out_p / names[video], text))
-        for k, q in ids:
+        for k, q in ids or [("", "")]:  # an empty sequence is listed too, without an id
             w.writerow((names[video], k, video, q))
     written.append(write_text_atomic(out_p / "tracks.csv", index.getvalue()))
+    for name in stale - set(names.values()):  # --force over an earlier export: its other sequences go
+        (out_p / name).unlink(missing_ok=True)
     return None, written, notes
+
+
+def _previous_export(folder: Path) -> set[str]:
+    """The sequence files an earlier export into `folder` listed in its tracks.csv (only plain
+    `.txt` names there: never a path that leads elsewhere)."""
+    try:
+        with open(folder / "tracks.csv", newline="", encoding="utf-8") as f:
+            names = {row.get("file") or "" for row in csv.DictReader(f)}
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return set()
+    return {n for n in names if n.endswith(".txt") and Path(n).name == n}

@@ -60,6 +60,7 @@ __all__ = [
     "latest_per_pair",
     "load_schema",
     "read_jsonl",
+    "read_jsonl_lines",
     "sanitize_xyxy",
     "validate",
     "write_json_atomic",
@@ -747,13 +748,13 @@ def cannot_write(path: Path, e: OSError) -> ResultError:
 
 
 def check_output_path(path: str | os.PathLike[str], force: bool = False, option: str = "--out",
-                      source: str | os.PathLike[str] | None = None) -> None:
+                      source: str | os.PathLike[str] | None = None, source_kind: str = "video") -> None:
     """Before any work is done: refuse the `source` file itself (even with `force`), a folder, an
     existing file unless `force`, and a location whose nearest existing parent is a file or not
     writable."""
     p = Path(path)
     if source is not None and p.exists() and os.path.exists(source) and os.path.samefile(source, p):
-        raise ResultError(f"{p}: is the input video; choose another {option}")
+        raise ResultError(f"{p}: is the input {source_kind}; choose another {option}")
     if p.is_dir():
         raise ResultError(f"{p}: is a folder; give {option} a file name")
     if p.exists() and not force:
@@ -832,18 +833,42 @@ def read_jsonl(path: str | os.PathLike[str]) -> JsonlRead:
 
     Invalid JSON anywhere else is real corruption and raises `ResultError` with the line number.
     """
+    numbered, torn = read_jsonl_lines(path)
+    return JsonlRead([doc for _, doc in numbered], torn)
+
+
+def read_jsonl_lines(path: str | os.PathLike[str]) -> tuple[list[tuple[int, Any]], bool]:
+    """`read_jsonl` with each record's line number: ([(line, record)], whether a torn last line
+    was skipped). Only what an interrupted append leaves counts as torn; a finished line of other
+    text, last or not, raises `ResultError` naming it (as `JsonlWriter` refuses such a file)."""
     p = Path(path)
-    records: list[dict[str, Any]] = []
-    pending_bad: int | None = None
+    records: list[tuple[int, Any]] = []
+    pending_bad: _Line | None = None
     with open(p, "rb") as f:
         for line in _scan_lines(f):
             if pending_bad is not None:
-                raise _corrupt(p, pending_bad)
+                raise _not_jsonl(p, pending_bad.lineno)
             if line.doc is None:
-                pending_bad = line.lineno
+                pending_bad = line
                 continue
-            records.append(line.doc)
-    return JsonlRead(records, pending_bad is not None)
+            records.append((line.lineno, line.doc))
+    if pending_bad is not None and not pending_bad.torn:
+        raise _not_jsonl(p, pending_bad.lineno)
+    return records, pending_bad is not None
+
+
+def _not_jsonl(path: Path, lineno: int) -> ResultError:
+    """The error for a line that is not a record: a whole JSON document (`stg ground --out`) gets
+    its own advice, anything else the line's number."""
+    if lineno == 1:
+        try:
+            whole = json.loads(path.read_bytes()) if path.stat().st_size < 256 * 2**20 else None
+        except ValueError:
+            whole = None
+        if isinstance(whole, dict):
+            return ResultError(f"{path}: is one JSON document (what stg ground --out writes), not JSON Lines; "
+                               "pass a .jsonl written by stg batch or stg eval --out")
+    return _corrupt(path, lineno)
 
 
 try:  # advisory lock: two batch runs appending to one file would interleave and duplicate

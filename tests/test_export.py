@@ -149,3 +149,42 @@ def test_export_to_an_unusable_place_is_one_line(tmp_path, capsys):
                                      (jl, "mot", tmp_path / "f" / "mot", "cannot write there")):
         code, _, err = run(capsys, "export", str(source), "--format", fmt, "--out", str(out))
         assert_user_error(code, err, needle)
+
+
+def test_export_keeps_inputs_and_leaves_no_stale_sequences(tmp_path, capsys):
+    """--force never writes over the input; a MOT export over an earlier one leaves only its own
+    sequences; a video with no span gets an empty sequence file; errors name their file line."""
+    jl = tmp_path / "r.jsonl"
+    with JsonlWriter(jl) as w:
+        w.append(make_result("a.mp4", "q"))
+        w.append(make_result("b.mp4", "q"))
+    code, _, err = run(capsys, "export", str(jl), "--format", "csv", "--out", str(jl), "--force")
+    assert_user_error(code, err, "is the input results file")
+    assert len(jl.read_text().splitlines()) == 2
+
+    mot = tmp_path / "mot"
+    assert run(capsys, "export", str(jl), "--format", "mot", "--out", str(mot))[0] == 0
+    assert sorted(p.name for p in mot.iterdir()) == ["a.txt", "b.txt", "tracks.csv"]
+    nothing = make_result("c.mp4", "q").to_dict()
+    nothing.update(span=None, track=[])
+    jl2 = tmp_path / "r2.jsonl"
+    with JsonlWriter(jl2) as w:
+        w.append(make_result("a.mp4", "q"))
+        w.append(nothing)
+    code, _, err = run(capsys, "export", str(jl2), "--format", "mot", "--out", str(mot), "--force")
+    assert code == 0, err
+    assert sorted(p.name for p in mot.iterdir()) == ["a.txt", "c.txt", "tracks.csv"]  # b.txt was stale
+    assert (mot / "c.txt").read_text() == ""
+    assert "c.txt,,c.mp4," in (mot / "tracks.csv").read_text()
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(jl.read_text() + "\n" + json.dumps({"schema": "stg.grounding/v1"}) + "\n")
+    code, _, err = run(capsys, "export", str(bad), "--format", "csv")
+    assert_user_error(code, err, "line 4")  # the file's line, blank line counted
+    (tmp_path / "tail.jsonl").write_text(jl.read_text() + "hello world\n")
+    code, _, err = run(capsys, "export", str(tmp_path / "tail.jsonl"), "--format", "csv")
+    assert_user_error(code, err, "line 3")  # a finished foreign line is not a torn append
+    pretty = tmp_path / "one.jsonl"
+    pretty.write_text(make_result().to_json(indent=2))
+    code, _, err = run(capsys, "export", str(pretty), "--format", "csv")
+    assert_user_error(code, err, "is one JSON document")
