@@ -20,7 +20,8 @@ class _State:
 
 
 def _fail(message: str, code: int = 2) -> None:
-    click.echo(f"stg: error: {message}", err=True)
+    # one line, even when the message quotes a library's multi-line error
+    click.echo(f"stg: error: {' '.join(str(message).split())}", err=True)
     sys.exit(code)
 
 
@@ -64,8 +65,8 @@ _MODEL_OPTIONS = (
     click.option("--frames", type=int, default=None, help="Frames to sample per clip (default: the model's)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
-                 help="Quantize the language model: 4bit = NF4 + double quant, bf16 compute (CUDA only; "
-                      "default: the model's, 4bit for spacevllm-7b)."),
+                 help="Quantize the language model with bitsandbytes: 4bit = NF4 + double quant, 8bit = "
+                      "LLM.int8 (default: the model's on CUDA, 4bit for spacevllm-7b; none on CPU)."),
     click.option("--span-decoding", type=click.Choice(["joint", "text"]), default="joint", show_default=True,
                  help="joint: the answer the language model and the per-frame presence scores agree on best; "
                       "text: the language model's free text alone."),
@@ -131,18 +132,19 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
     """Find when and where QUERY is in VIDEO."""
     from .pipeline import check_frames, check_query, check_video_path, ground as run
     from .result import check_output_path, write_json_atomic
-    from .weights import resolve_device
+    from .weights import load_model
 
-    check_query(query)  # before the device note, so a mistake prints one line only
+    check_query(query)
     check_frames(frames)
     check_video_path(video)
     for p, opt in ((out_path, "--out"), (render_path, "--render")):  # before the model runs, not after
         if p is not None:
             check_output_path(p, force, opt, source=video)
-    if device == "auto" and resolve_device("auto") == "cpu":
+    loaded = load_model(model_name, device=device, quant=quant, allow_pickle=allow_pickle, frames=frames,
+                        span_decoding=span_decoding)
+    if device == "auto" and loaded.device == "cpu":  # after the load, so a model mistake stays one line
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
-    res = run(video, query, model=model_name, frames=frames, start_s=start_s, end_s=end_s, device=device,
-              quant=quant, allow_pickle=allow_pickle, span_decoding=span_decoding)
+    res = run(video, query, model=loaded, frames=frames, start_s=start_s, end_s=end_s)
     _echo_warnings(res.warnings)
     if out_path is not None:
         write_json_atomic(out_path, res)

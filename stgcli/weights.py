@@ -531,7 +531,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
 
     `frames` only sharpens the advice of an out-of-memory error (default: the model's).
     `span_decoding`: "joint" (default) or "text", see `pipeline.run_model`."""
+    import pickle
+
     import torch
+    from huggingface_hub.errors import StrictDataclassError
+    from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     from .models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
@@ -542,7 +546,12 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     hf_logging.set_verbosity_error()
     name = str(name_or_path or DEFAULT_MODEL)
     entries = registry(registry_file)
+    if name_or_path is not None and not str(name_or_path).strip():
+        raise UserError("--model is empty; pass a registered model name or a model directory")
     entry = entries.get(name)
+    if entry is not None and entry.architecture.get("type") == "llava-next":
+        raise ModelError(f"model '{name}' is a base checkpoint, not a grounding model; build one from it with "
+                         f"`stg weights init spacevllm-7b --from DIR` and use --model spacevllm-7b")
     if entry is not None:
         if entry.kind == "hf":
             entry.pinned_revision()
@@ -576,24 +585,65 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         # LLM.int8 logs a warning on every call whose input is not fp16 (fp32 on CPU); stderr is for
         # stg's own lines
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+    _check_model_type(directory)
+    missing = [f for f in ("processor_config.json", "tokenizer.json") if not (directory / f).is_file()]
+    if missing:
+        raise ModelError(f"{directory}: {' and '.join(missing)} missing; a model directory holds config.json, the "
+                         "weights, tokenizer.json and processor_config.json (save_pretrained writes them all)")
     try:
         config = SpaceVLLMConfig.from_pretrained(str(directory))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise ModelError(f"{directory}: cannot read config.json ({e})") from e
     n_frames = frames or (entry.default_frames if entry else int(getattr(config, "num_frames", 16)))
     try:
         with cuda_oom_guard(config, quant, n_frames, device):
-            model = SpaceVLLMForConditionalGeneration.from_pretrained(str(directory), dtype=dtype, **kwargs)
+            model, info = SpaceVLLMForConditionalGeneration.from_pretrained(
+                str(directory), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
             if quant == "none":
                 model.to(device)
         processor = SpaceVLLMProcessor.from_pretrained(directory)
-    except (OSError, ValueError, KeyError) as e:
-        raise ModelError(f"{directory}: cannot load model ({e})") from e
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError, StrictDataclassError,
+            pickle.UnpicklingError) as e:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            raise
+        if isinstance(e, pickle.UnpicklingError):
+            raise ModelError(f"{directory}: the pickle checkpoint holds more than tensors (code or other objects); "
+                             "stg will not run it: ask its source for safetensors") from e
+        raise ModelError(f"{directory}: cannot load model ({type(e).__name__}: {e})") from e
+    _check_loading_info(directory, info)
     model.eval()
     return LoadedModel(model=model, processor=processor, name=entry.name if entry else str(directory),
                        sha256=digest, device=device, dtype=str(dtype).replace("torch.", ""),
                        quantization=quant, default_frames=entry.default_frames if entry else
                        int(getattr(model.config, "num_frames", 16)), span_decoding=span_decoding)
+
+
+def _check_model_type(directory: Path) -> None:
+    """Refuse, before anything is built, a config.json that is not a SpaceVLLM model's: transformers
+    would fill the gaps with defaults (an empty config builds a 7B language model in fp32)."""
+    try:
+        raw = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{directory}/config.json: cannot read it ({e})") from None
+    kind = raw.get("model_type") if isinstance(raw, dict) else None
+    if kind != "spacevllm" or not all(isinstance(raw.get(k), dict) for k in ("text_config", "vision_config")):
+        what = f"model_type {kind!r}" if kind else "no model_type"
+        raise ModelError(f"{directory}/config.json: {what}, not a complete SpaceVLLM config (needs model_type "
+                         "\"spacevllm\", text_config and vision_config); for LLaVA-Video weights run "
+                         "`stg weights init spacevllm-7b --from DIR`")
+
+
+def _check_loading_info(directory: Path, info: dict) -> None:
+    """Weights that do not fill the model exactly would run with random tensors: refuse them."""
+    problems = []
+    for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"),
+                      ("mismatched_keys", "of the wrong shape")):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if keys:
+            problems.append(f"{len(keys)} tensor(s) {what} (e.g. {keys[0]})")
+    if problems:
+        raise ModelError(f"{directory}: the weights do not match config.json: {'; '.join(problems)}; the file is "
+                         "incomplete or belongs to another model")
 
 
 def _model_digest(directory: Path, files: dict) -> str | None:

@@ -420,7 +420,7 @@ def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
 
     def fake_from_pretrained(path, **kwargs):
         calls.update(kwargs)
-        return Fake()
+        return (Fake(), {}) if kwargs.get("output_loading_info") else Fake()
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(fake_from_pretrained))
@@ -493,3 +493,65 @@ def test_cli_init_then_ground_end_to_end(capsys, source, tmp_path):
     doc = json.loads(stdout)
     validate(doc)
     assert doc["model"]["sha256"] == sha256_file(out / MANIFEST) and doc["sampling"]["num_frames"] == 4
+
+
+def _broken_copy(tmp_path, name):
+    d = tmp_path / name
+    shutil.copytree(ROOT / "stgcli" / "weights" / "spacevllm-tiny-shapes", d)
+    return d
+
+
+def _edit_weights(d, edit):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(d / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing_tensor", "1 tensor(s) missing (e.g. space_decoder.box_head.2.weight)"),
+    ("extra_tensor", "1 tensor(s) unexpected (e.g. space_decoder.extra)"),
+    ("wrong_shape", "1 tensor(s) of the wrong shape (e.g. space_decoder.box_head.2.weight)"),
+    ("truncated", "SafetensorError"),
+    ("empty_config", "not a complete SpaceVLLM config"),
+    ("other_model_type", "model_type 'llava_qwen'"),
+    ("bad_field", "decoder_layers"),
+    ("no_tokenizer", "tokenizer.json missing"),
+])
+def test_a_broken_model_directory_is_one_line_never_random_weights(capsys, tmp_path, case, needle):
+    """transformers fills what a checkpoint lacks with random tensors (and builds a default 7B from an
+    empty config): every such directory is refused before it can answer."""
+    d = _broken_copy(tmp_path, case)
+    cfg = json.loads((d / "config.json").read_text())
+    if case == "missing_tensor":
+        _edit_weights(d, lambda t: t.pop("space_decoder.box_head.2.weight"))
+    elif case == "extra_tensor":
+        _edit_weights(d, lambda t: t.update({"space_decoder.extra": torch.zeros(2)}))
+    elif case == "wrong_shape":
+        _edit_weights(d, lambda t: t.update({"space_decoder.box_head.2.weight":
+                                             torch.zeros(t["space_decoder.box_head.2.weight"].shape[0] + 1,
+                                                         t["space_decoder.box_head.2.weight"].shape[1])}))
+    elif case == "truncated":
+        data = (d / "model.safetensors").read_bytes()
+        (d / "model.safetensors").write_bytes(data[: len(data) // 2])
+    elif case == "empty_config":
+        (d / "config.json").write_text("{}")
+    elif case == "other_model_type":
+        (d / "config.json").write_text(json.dumps({**cfg, "model_type": "llava_qwen"}))
+    elif case == "bad_field":
+        (d / "config.json").write_text(json.dumps({**cfg, "decoder_layers": "two"}))
+    elif case == "no_tokenizer":
+        (d / "tokenizer.json").unlink()
+    code, out, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", str(d),
+                         "--device", "cpu")
+    assert_one_line_error(code, err, needle)
+    assert out == ""
+
+
+def test_a_base_checkpoint_or_empty_name_is_not_a_grounding_model(capsys):
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model",
+                       "llava-video-7b-qwen2")
+    assert_one_line_error(code, err, "base checkpoint, not a grounding model", "stg weights init spacevllm-7b")
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", "")
+    assert_one_line_error(code, err, "--model is empty")
