@@ -25,11 +25,12 @@ import math
 import os
 import re
 import shutil
+import tempfile
 import time
 from pathlib import Path
 
 from .errors import ModelError, UserError
-from .weights import sha256_file, write_manifest
+from .weights import MANIFEST, sha256_file, write_manifest
 
 NEW_TOKENS = ("<image>", "<video>", "<stq>")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -302,8 +303,8 @@ def convert_llava_next(src: str | os.PathLike, out: str | os.PathLike, *, max_sh
         raise ModelError(f"{src}: no config.json; not a LLaVA-NeXT checkpoint")
     llava = _read_llava_config(src)
     files = _source_files(src)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UserError(f"{out}: already exists and is not empty; pass --force to replace it")
+    _check_out(src, out, force)
+    out = out.resolve()  # `.` or `a/..` has no name to put a temporary folder beside
     shapes = _shapes(files)
     for need in (_VISION + "embeddings.patch_embedding.weight", _VISION + "embeddings.position_embedding.weight",
                  "model.embed_tokens.weight", "model.mm_projector.0.weight"):
@@ -332,59 +333,83 @@ def convert_llava_next(src: str | os.PathLike, out: str | os.PathLike, *, max_sh
         raise ModelError(f"{src}: no lm_head.weight and tie_word_embeddings is false")
     decoder, expected = init_space_decoder(config, seed)
 
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    writer = ShardWriter(tmp, max_shard_bytes)
-    written: dict[str, tuple] = {}
-    dtype = None
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                dst = map_key(k)
-                if dst is None:
-                    continue
-                t = st.get_tensor(k)
-                dtype = dtype or t.dtype
-                if k in ("model.embed_tokens.weight", "lm_head.weight"):
-                    t = _with_token_rows(t, rows, new_ids if rows > rows0 else sorted(ids.values()), n_vocab)
-                writer.add(dst, t)
-                written[dst] = tuple(t.shape)
-                del t
-        if progress:
-            progress(f.name)
-    for k, t in decoder.items():
-        t = t.to(dtype or torch.bfloat16)
-        writer.add(k, t)
-        written[k] = tuple(t.shape)
-    shard_names = writer.close()
+    try:  # a fresh name beside `out`: never a folder of the user's that happens to be called OUT.partial
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial"))
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot write there ({e.strerror or e}); choose another folder") from None
+    try:
+        writer = ShardWriter(tmp, max_shard_bytes)
+        written: dict[str, tuple] = {}
+        dtype = None
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    dst = map_key(k)
+                    if dst is None:
+                        continue
+                    t = st.get_tensor(k)
+                    dtype = dtype or t.dtype
+                    if k in ("model.embed_tokens.weight", "lm_head.weight"):
+                        t = _with_token_rows(t, rows, new_ids if rows > rows0 else sorted(ids.values()), n_vocab)
+                    writer.add(dst, t)
+                    written[dst] = tuple(t.shape)
+                    del t
+            if progress:
+                progress(f.name)
+        for k, t in decoder.items():
+            t = t.to(dtype or torch.bfloat16)
+            writer.add(k, t)
+            written[k] = tuple(t.shape)
+        shard_names = writer.close()
 
-    # Every parameter the model expects, with its shape; nothing more (tied lm_head may be absent).
-    optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    missing = sorted(set(expected) - set(written) - optional)
-    extra = sorted(set(written) - set(expected))
-    wrong = sorted(k for k in set(written) & set(expected) if tuple(expected[k]) != written[k])
-    if missing or extra or wrong:
-        shutil.rmtree(tmp)
-        raise ModelError(f"{src}: conversion does not fit the SpaceVLLM layout (missing {missing[:5]}, "
-                         f"unexpected {extra[:5]}, wrong shape {wrong[:5]})")
+        # Every parameter the model expects, with its shape; nothing more (tied lm_head may be absent).
+        optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
+        missing = sorted(set(expected) - set(written) - optional)
+        extra = sorted(set(written) - set(expected))
+        wrong = sorted(k for k in set(written) & set(expected) if tuple(expected[k]) != written[k])
+        if missing or extra or wrong:
+            raise ModelError(f"{src}: conversion does not fit the SpaceVLLM layout (missing {missing[:5]}, "
+                             f"unexpected {extra[:5]}, wrong shape {wrong[:5]})")
 
-    config.save_pretrained(tmp)
-    if (src / "generation_config.json").is_file():
-        shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
-    vc = config.vision_config
-    settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size, time_decimals=config.time_decimals,
-                                 video_token="<video>", query_token="<stq>", **PROMPT_7B)
-    SpaceVLLMProcessor(tok, settings).save_pretrained(tmp)
-    (tmp / "MODEL_CARD.md").write_text(_model_card(src, config, seed, ids, new_ids, rows0, rows))
-    write_manifest(tmp, {"source": str(src), "source_config_sha256": sha256_file(src / "config.json"),
-                         "converter": f"stgcli.convert v{CONVERTER_VERSION}", "seed": seed,
-                         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": shard_names})
-    if out.exists():
-        shutil.rmtree(out)
+        config.save_pretrained(tmp)
+        if (src / "generation_config.json").is_file():
+            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
+        vc = config.vision_config
+        settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size, time_decimals=config.time_decimals,
+                                     video_token="<video>", query_token="<stq>", **PROMPT_7B)
+        SpaceVLLMProcessor(tok, settings).save_pretrained(tmp)
+        (tmp / "MODEL_CARD.md").write_text(_model_card(src, config, seed, ids, new_ids, rows0, rows))
+        write_manifest(tmp, {"source": str(src), "source_config_sha256": sha256_file(src / "config.json"),
+                             "converter": f"stgcli.convert v{CONVERTER_VERSION}", "seed": seed,
+                             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "shards": shard_names})
+    except BaseException:  # nothing half-written stays behind (a kill -9 aside)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if out.exists():  # an earlier build (checked by _check_out): aside first, so a crash leaves one model
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".old"))
+        out.rename(old / "model")
     tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
     return out
+
+
+def _check_out(src: Path, out: Path, force: bool) -> None:
+    """--out must not hold or contain the source, and --force replaces only an earlier build (a folder
+    with stg's manifest), never a folder of other files or a link."""
+    s, o = src.resolve(), out.resolve()
+    if s == o or s.is_relative_to(o) or o.is_relative_to(s):
+        raise UserError(f"--out {out}: is, holds or lies inside --from {src}; choose a folder apart from it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out}: is a {'link' if out.is_symlink() else 'file'}; give --out a folder name")
+    if out.exists() and any(out.iterdir()):
+        if not force:
+            raise UserError(f"{out}: already exists and is not empty; pass --force to replace it")
+        if not (out / MANIFEST).is_file():
+            raise UserError(f"{out}: holds files that are not a stg build (no {MANIFEST}); --force replaces only "
+                            "an earlier build, so choose another --out")
 
 
 def _model_card(src: Path, config, seed: int, ids: dict, new_ids: list[int], rows0: int, rows: int) -> str:

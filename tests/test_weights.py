@@ -19,7 +19,7 @@ from safetensors import safe_open
 import tiny_llava_next as tiny
 from test_cli import run
 from stgcli.convert import NEW_TOKENS, convert_llava_next, map_key
-from stgcli.errors import ModelError
+from stgcli.errors import ModelError, UserError
 from stgcli.weights import (MANIFEST, ModelEntry, cuda_oom_guard, estimate_memory_gib, oom_message, registry,
                             sha256_file, verify)
 
@@ -221,6 +221,36 @@ def test_init_errors_are_one_line(capsys, tmp_path):
     assert_one_line_error(code, err, "not built by", "spacevllm-7b")
     code, _, err = run(capsys, "weights", "init", "spacevllm-7b", "--from", str(not_llava), "--shard-size", "lots")
     assert_one_line_error(code, err, "--shard-size")
+
+
+def test_init_never_deletes_what_it_did_not_build(source, tmp_path):
+    """--force replaces an earlier build only: not the source, not a folder of other files, not a
+    user's OUT.partial; a failed or replaced build leaves nothing half-written behind."""
+    src, _ = source
+    kw = dict(max_shard_bytes=SHARD, seed=0, overrides=tiny.OVERRIDES)
+    before = sorted(p.name for p in src.iterdir())
+    for out in (src, src / "inside", src.parent):
+        with pytest.raises(UserError, match="--from"):
+            convert_llava_next(src, out, force=True, **kw)
+    assert sorted(p.name for p in src.iterdir()) == before
+    mine = tmp_path / "mydata"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    with pytest.raises(UserError, match="not a stg build"):
+        convert_llava_next(src, mine, force=True, **kw)
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(UserError, match="is a link"):
+        convert_llava_next(src, link, force=True, **kw)
+    (tmp_path / "o.partial").mkdir()
+    (tmp_path / "o.partial" / "notes.txt").write_text("mine")
+    out = convert_llava_next(src, tmp_path / "o", **kw)
+    assert (tmp_path / "o.partial" / "notes.txt").read_text() == "mine"
+    (out / "from-the-first-build").write_text("x")
+    convert_llava_next(src, tmp_path / "o", force=True, **kw)  # an earlier build is replaced, whole
+    assert (out / MANIFEST).is_file() and not (out / "from-the-first-build").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "mydata", "o", "o.partial"]
 
 
 def test_unknown_tensor_and_pickle_sources_are_refused(source, tmp_path):
