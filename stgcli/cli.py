@@ -263,11 +263,14 @@ def synth(out_dir: Path, n: int, seed: int) -> None:
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Training config (TOML); see examples/train-tiny.toml.")
 @click.option("--resume", is_flag=True, help="Continue from OUT_DIR/checkpoint.")
-def train(config_path: Path, resume: bool) -> None:
+@click.option("--force", is_flag=True, help="Start over in an out_dir that holds an earlier run (replacing it).")
+def train(config_path: Path, resume: bool, force: bool) -> None:
     """Train a SpaceVLLM model on shapes-world clips drawn on the fly."""
     from .train import TrainConfig, train as run
 
-    final = run(TrainConfig.from_toml(config_path), resume=resume)
+    if resume and force:
+        raise UserError("--resume continues the run in out_dir and --force replaces it; pass one of them")
+    final = run(TrainConfig.from_toml(config_path), resume=resume, force=force)
     click.echo(f"model written to {final}")
 
 

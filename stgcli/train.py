@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -52,15 +53,66 @@ class TrainConfig:
         if not p.is_file():
             raise UserError(f"{p}: training config not found; pass a TOML file (see examples/train-tiny.toml)")
         try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
+            data = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{p}: not valid TOML ({e})") from None
-        data = data.get("train", data)
+        if "train" in data:
+            others = sorted(set(data) - {"train"})
+            if others:  # a table or key beside [train] would be silently ignored
+                raise UserError(f"{p}: {', '.join(others)} outside [train]; put every option in the [train] table")
+            data = data["train"]
+            if not isinstance(data, dict):
+                raise UserError(f"{p}: train must be a table ([train]), got {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UserError(f"{p}: unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        return cls(**data)
+        cfg = cls(**data)
+        cfg.check(p)
+        return cfg
+
+    def check(self, where: str | Path = "training config") -> None:
+        """Types and ranges, so a typo is one line here rather than a crash (or a silent no-op) later."""
+        defaults = {f.name: f.default for f in fields(self) if f.name != "model"}
+        for name, default in defaults.items():
+            v = getattr(self, name)
+            ok = isinstance(v, type(default)) and not isinstance(v, bool)
+            if isinstance(default, float):
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                raise UserError(f"{where}: {name} = {v!r} must be {type(default).__name__}")
+        if not isinstance(self.model, dict):
+            raise UserError(f"{where}: model must be a table of model config overrides")
+        rules = [("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
+                 ("log_every", self.log_every >= 1), ("checkpoint_every", self.checkpoint_every >= 1),
+                 ("num_frames", self.num_frames >= 1), ("warmup_steps", self.warmup_steps >= 0),
+                 ("min_frames", 1 <= self.min_frames <= self.max_frames), ("decode_frames", self.decode_frames >= 0),
+                 ("threads", self.threads >= 0), ("data_workers", self.data_workers >= 0),
+                 ("max_minutes", self.max_minutes >= 0), ("weight_decay", self.weight_decay >= 0),
+                 ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
+        rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
+                                                             "blur_prob", "twin_prob", "shared_prob")]
+        for name, ok in rules:
+            if not ok:
+                extra = f" (max_frames is {self.max_frames})" if name == "min_frames" else ""
+                raise UserError(f"{where}: {name} = {getattr(self, name)!r} is out of range{extra}")
+        _check_model_overrides(self.model, where)
+
+
+def _check_model_overrides(overrides: dict, where) -> None:
+    """`model = {...}` keys must be config fields: a misspelt one would change nothing, silently."""
+    from .models.spacevllm.configuration_spacevllm import tiny_config
+
+    base = tiny_config(8, 1, 2, 3, 0, 4, ["a"]).to_dict()
+    for key, value in overrides.items():
+        if key not in base:
+            raise UserError(f"{where}: model.{key} is not a SpaceVLLM config field")
+        if key in ("vision_config", "text_config"):
+            if not isinstance(value, dict):
+                raise UserError(f"{where}: model.{key} must be a table")
+            unknown = sorted(set(value) - set(base[key]))
+            if unknown:
+                raise UserError(f"{where}: model.{key}.{unknown[0]} is not a {key} field")
 
 
 def new_tiny_model(cfg: TrainConfig, seed: int):
@@ -231,58 +283,109 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     """Write model + processor (a complete model directory) and the optimizer state; swap atomically."""
     import torch
 
+    import shutil
+
     ckpt = out_dir / "checkpoint"
     tmp = out_dir / "checkpoint.tmp"
-    if tmp.exists():
-        import shutil
-
-        shutil.rmtree(tmp)
+    old = out_dir / "checkpoint.old"
+    for leftover in (tmp, old):  # what a crash mid-swap leaves (a valid .old is only needed while ckpt is absent)
+        if leftover.exists() and (leftover is tmp or ckpt.exists()):
+            shutil.rmtree(leftover)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     # The optimizer state is ours (not a user's download), written and read by this code only.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "log": log}) + "\n")
     if ckpt.exists():
-        old = out_dir / "checkpoint.old"
+        if old.exists():
+            shutil.rmtree(old)
         ckpt.rename(old)
         tmp.rename(ckpt)
-        import shutil
-
         shutil.rmtree(old)
     else:
         tmp.rename(ckpt)
+        if old.exists():
+            shutil.rmtree(old)
     return ckpt
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run training; returns the directory of the final model."""
+def _load_checkpoint(out_dir: Path):
+    """(model, processor, step, log, optimizer state) from OUT_DIR/checkpoint, or from checkpoint.old when
+    a crash came between the two renames of a checkpoint swap; a broken one is one line, exit 2."""
     import torch
-    from tqdm import tqdm
 
     from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     ckpt = out_dir / "checkpoint"
-    start, log = 0, []
-    if resume and ckpt.exists():
+    if not ckpt.is_dir() and (out_dir / "checkpoint.old").is_dir():
+        ckpt = out_dir / "checkpoint.old"
+    if not ckpt.is_dir():
+        raise UserError(f"{out_dir / 'checkpoint'}: no checkpoint to resume from; run without --resume to start "
+                        "fresh")
+    missing = [f for f in ("model.safetensors", "config.json", "trainer_state.json", "optimizer.pt")
+               if not (ckpt / f).is_file()]
+    if missing:
+        raise UserError(f"{ckpt}: incomplete checkpoint ({', '.join(missing)} missing); resume from a copy or start "
+                        "fresh in another out_dir")
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+        step, log = int(state["step"]), list(state["log"])
         model = SpaceVLLMForConditionalGeneration.from_pretrained(ckpt)
         processor = SpaceVLLMProcessor.from_pretrained(ckpt)
-        state = json.loads((ckpt / "trainer_state.json").read_text())
-        start, log = state["step"], state["log"]
-    elif resume:
-        raise UserError(f"{ckpt}: no checkpoint to resume from; run without --resume to start fresh")
+        # The optimizer state is ours (not a user's download), written and read by this code only.
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - json, safetensors, transformers and torch each raise their own
+        raise UserError(f"{ckpt}: corrupt checkpoint ({type(e).__name__}: {e}); resume from a copy or start fresh "
+                        "in another out_dir") from None
+    return model, processor, step, log, opt_state
+
+
+def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
+    """A fresh run never writes over an earlier one's model or checkpoint without --force."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir}: out_dir is a file; choose a folder")
+    earlier = [n for n in ("checkpoint", "checkpoint.old", "model", "train_log.jsonl") if (out_dir / n).exists()]
+    if earlier and not resume and not force:
+        raise UserError(f"{out_dir}: holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, "
+                        "--force to start over there, or choose another out_dir")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{out_dir}: cannot create out_dir ({e.strerror or e}); choose another folder") from None
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Path:
+    """Run training; returns the directory of the final model. A fresh run refuses an out_dir that
+    holds an earlier run unless `force`."""
+    import torch
+    from tqdm import tqdm
+
+    cfg.check()
+    out_dir = Path(cfg.out_dir)
+    _check_out_dir(out_dir, resume, force)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    start, log, opt_state = 0, [], None
+    if resume:
+        model, processor, start, log, opt_state = _load_checkpoint(out_dir)
     else:
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # --force: the earlier run's state goes
+            if (out_dir / name).is_dir():
+                import shutil
+
+                shutil.rmtree(out_dir / name)
         model, processor = new_tiny_model(cfg, cfg.seed)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
-    if start:
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    if opt_state is not None:
+        try:
+            opt.load_state_dict(opt_state)
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{out_dir / 'checkpoint'}: its optimizer state does not fit this model ({e}); was "
+                            "the config changed? Resume with the config that made it") from None
     torch.manual_seed(cfg.seed + start)
     t0 = time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
@@ -313,6 +416,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
             save_checkpoint(model, processor, opt, step + 1, out_dir, log)
         if out_of_time:
+            print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
+                  "continue with --resume and a larger max_minutes", file=sys.stderr)
             break
     final = out_dir / "model"
     model.save_pretrained(final, safe_serialization=True)

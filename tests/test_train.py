@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import numpy as np
 import pytest
@@ -55,6 +57,63 @@ def test_config_errors(tmp_path):
         TrainConfig.from_toml(tmp_path / "none.toml")
     with pytest.raises(UserError, match="no checkpoint"):
         train(small_cfg(out_dir=str(tmp_path / "c")), resume=True, progress=False)
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("[train]\nsteps = \"five\"\n", "steps = 'five' must be int"),
+    ("[train]\nbatch_size = 0\n", "batch_size = 0 is out of range"),
+    ("[train]\nlog_every = 0\n", "log_every = 0 is out of range"),
+    ("[train]\nsteps = -5\n", "steps = -5 is out of range"),
+    ("[train]\nmin_frames = 8\nmax_frames = 4\n", "min_frames = 8 is out of range (max_frames is 4)"),
+    ("[train]\njpeg_prob = 2.0\n", "jpeg_prob = 2.0 is out of range"),
+    ("train = 5\n", "train must be a table"),
+    ("steps = 5\n[train]\nseed = 1\n", "steps outside [train]"),
+    ("[train]\nseed = 1\n[model]\nfoo = 1\n", "model outside [train]"),
+    ("[train]\nmodel = {decoder_layer = 3}\n", "model.decoder_layer is not a SpaceVLLM config field"),
+    ("[train]\nmodel = {text_config = {hiden_size = 8}}\n", "model.text_config.hiden_size"),
+])
+def test_config_values_are_checked(tmp_path, text, needle):
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(UserError, match=re.escape(needle)):
+        TrainConfig.from_toml(p)
+
+
+def test_binary_config_is_a_user_error(tmp_path):
+    p = tmp_path / "c.toml"
+    p.write_bytes(b"\x00\xff\xfe binary")
+    with pytest.raises(UserError, match="not valid TOML"):
+        TrainConfig.from_toml(p)
+
+
+def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(tmp_path):
+    out = tmp_path / "run"
+    train(small_cfg(out_dir=str(out), steps=1), progress=False)
+    model = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="holds an earlier run"):
+        train(small_cfg(out_dir=str(out), steps=1, seed=7), progress=False)
+    assert (out / "model" / "model.safetensors").read_bytes() == model  # the earlier model is untouched
+    ckpt = out / "checkpoint"
+    # a crash between the two renames of a checkpoint swap leaves only checkpoint.old: resume uses it
+    ckpt.rename(out / "checkpoint.old")
+    train(small_cfg(out_dir=str(out), steps=2), resume=True, progress=False)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert not (out / "checkpoint.old").exists()
+    # a stale checkpoint.old beside a good checkpoint does not break the next save
+    shutil.copytree(ckpt, out / "checkpoint.old")
+    train(small_cfg(out_dir=str(out), steps=3), resume=True, progress=False)
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    (ckpt / "optimizer.pt").write_bytes(b"junk")
+    with pytest.raises(UserError, match="corrupt checkpoint"):
+        train(small_cfg(out_dir=str(out), steps=4), resume=True, progress=False)
+    (ckpt / "trainer_state.json").unlink()
+    with pytest.raises(UserError, match="trainer_state.json missing"):
+        train(small_cfg(out_dir=str(out), steps=4), resume=True, progress=False)
+    train(small_cfg(out_dir=str(out), steps=1, seed=7), progress=False, force=True)  # --force starts over
+    assert (out / "model" / "model.safetensors").read_bytes() != model
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="out_dir is a file"):
+        train(small_cfg(out_dir=str(tmp_path / "file"), steps=1), progress=False)
 
 
 def _spec_with(objects, w=160, h=160):
