@@ -304,8 +304,10 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write a PNG: vIoU histogram and tIoU-vs-vIoU scatter (needs matplotlib).")
 @click.option("--json", "as_json", is_flag=True, help="Print only the metrics as one JSON object.")
+@click.option("--force", is_flag=True, help="Overwrite --per-sample / --plot if they exist.")
+@click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
 def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_failed, protocol, per_sample, plot_path,
-          frames, device, quant, span_decoding, as_json) -> None:
+          frames, device, quant, span_decoding, as_json, force, allow_pickle) -> None:
     """Score a model on annotated videos: m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5."""
     import json
 
@@ -324,9 +326,17 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_fai
     check_frames(frames)
     if plot_path is not None:
         check_plot_available()
+    from .result import check_output_path
+
+    inputs = (annotations, predictions, out_path)
+    for p, opt in ((per_sample, "--per-sample"), (plot_path, "--plot")):  # before the model runs, not after
+        if p is not None:
+            check_output_path(p, force, opt, source=inputs, source_kind="file of this evaluation")
+    if per_sample is not None and plot_path is not None and Path(per_sample).resolve() == Path(plot_path).resolve():
+        raise UserError(f"{per_sample}: given to both --per-sample and --plot; give them different files")
     report = evaluate(annotations, fmt, videos=videos, predictions=predictions, model=model_name, out=out_path,
                       protocol=protocol, frames=frames, device=device, quant=quant,
-                      span_decoding=span_decoding, retry_failed=retry_failed)
+                      span_decoding=span_decoding, retry_failed=retry_failed, allow_pickle=allow_pickle)
     _echo_warnings(report.warnings)
     if per_sample is not None:
         write_per_sample_csv(per_sample, report.scores)

@@ -194,17 +194,29 @@ def metrics_of(scores: Sequence[SampleScore]) -> dict[str, float | int]:
 # ---------------------------------------------------------------------------------- running
 
 
-def _check_out_model(out: Path, loaded) -> None:
-    """Refuse to resume into a file another model wrote: its lines would be scored as ours."""
+def _check_out_model(out: Path, loaded, frames: int | None = None) -> None:
+    """Refuse to resume into a file another model (or setting) wrote: its lines would be scored as ours."""
     from .result import read_jsonl
 
     if not out.exists():
         return
+    n_frames = frames or loaded.default_frames
     for r in read_jsonl(out).records:
         m = r.get("model") if isinstance(r, Mapping) else None
         if isinstance(m, Mapping) and (m.get("name"), m.get("sha256")) != (loaded.name, loaded.sha256):
             raise UserError(f"{out}: holds predictions of model {m.get('name')!r}, not {loaded.name!r}; "
                             "choose another --out (or --predictions to score that file)")
+        if isinstance(m, Mapping) and m.get("quantization", loaded.quantization) != loaded.quantization:
+            raise UserError(f"{out}: holds predictions made with --quant {m.get('quantization')}, not "
+                            f"{loaded.quantization}; choose another --out (or --predictions to score that file)")
+        sampling = r.get("sampling") if isinstance(r, Mapping) else None
+        idx = sampling.get("frame_indices") if isinstance(sampling, Mapping) else None
+        if isinstance(idx, list) and idx and all(isinstance(i, int) for i in idx):
+            # A window shorter than --frames yields fewer samples; more samples, or fewer from a window
+            # that held enough frames, mean another --frames made this line.
+            if len(idx) > n_frames or (len(idx) < n_frames and max(idx) - min(idx) + 1 >= n_frames):
+                raise UserError(f"{out}: holds predictions made with --frames {len(idx)}, not {n_frames}; choose "
+                                "another --out (or --predictions to score that file)")
         # Lines written before span decoding was selectable were free text.
         mode = r.get("span_decoding", "text") if isinstance(r, Mapping) and isinstance(m, Mapping) else None
         if mode is not None and mode != loaded.span_decoding:
@@ -220,7 +232,7 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
              predictions: str | os.PathLike[str] | None = None, model: Any = None,
              out: str | os.PathLike[str] | None = None, protocol: str = "stg", frames: int | None = None,
              device: str = "auto", quant: str | None = None, progress: bool = True,
-             span_decoding: str = "joint", retry_failed: bool = False) -> EvalReport:
+             span_decoding: str = "joint", retry_failed: bool = False, allow_pickle: bool = False) -> EvalReport:
     """Score a model on an annotation file: run it over `videos`, or read `predictions`.
 
     With `predictions` (a `stg batch`/`stg eval` JSONL) nothing runs and `videos` is not needed.
@@ -279,9 +291,10 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
         from .weights import LoadedModel, load_model
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
-                                                                         span_decoding=span_decoding)
+                                                                         span_decoding=span_decoding,
+                                                                         allow_pickle=allow_pickle)
         pred_path = Path(out) if out is not None else Path(f"{Path(annotations).stem}.preds.jsonl")
-        _check_out_model(pred_path, loaded)
+        _check_out_model(pred_path, loaded, frames)
         items = []
         for s in samples:
             if s.video in found:

@@ -748,13 +748,16 @@ def cannot_write(path: Path, e: OSError) -> ResultError:
 
 
 def check_output_path(path: str | os.PathLike[str], force: bool = False, option: str = "--out",
-                      source: str | os.PathLike[str] | None = None, source_kind: str = "video") -> None:
+                      source: str | os.PathLike[str] | Sequence[str | os.PathLike[str] | None] | None = None,
+                      source_kind: str = "video") -> None:
     """Before any work is done: refuse the `source` file itself (even with `force`), a folder, an
     existing file unless `force`, and a location whose nearest existing parent is a file or not
     writable."""
     p = Path(path)
-    if source is not None and p.exists() and os.path.exists(source) and os.path.samefile(source, p):
-        raise ResultError(f"{p}: is the input {source_kind}; choose another {option}")
+    sources = [source] if isinstance(source, (str, os.PathLike)) else [s for s in source or () if s is not None]
+    for src in sources:
+        if p.exists() and os.path.exists(src) and os.path.samefile(src, p):
+            raise ResultError(f"{p}: is the input {source_kind}; choose another {option}")
     if p.is_dir():
         raise ResultError(f"{p}: is a folder; give {option} a file name")
     if p.exists() and not force:

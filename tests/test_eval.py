@@ -532,3 +532,25 @@ def test_eval_retries_a_failed_sample_only_when_asked(shapes, tmp_path, capsys):
     code, _, err = run(capsys, "eval", "--annotations", str(hc), "--format", "hcstvg", "--predictions",
                        str(out), "--retry-failed")
     assert_user_error(code, err, "--retry-failed")
+
+
+def test_eval_outputs_are_checked_before_the_model_runs(shapes, tmp_path, capsys):
+    """--per-sample / --plot never replace an input or an existing file without --force, and are
+    refused before any inference; --out made with other --frames is refused, not scored as this run."""
+    d, rows, hc = shapes
+    out = tmp_path / "preds.jsonl"
+    base = ("eval", "--annotations", str(hc), "--format", "hcstvg", "--videos", str(d / "clips"), "--device", "cpu")
+    ann_before = hc.read_bytes()
+    code, _, err = run(capsys, *base, "--out", str(out), "--per-sample", str(hc), "--force")
+    assert_user_error(code, err, "is the input file of this evaluation")
+    assert hc.read_bytes() == ann_before and not out.exists()  # refused before anything ran
+    taken = tmp_path / "taken.csv"
+    taken.write_text("mine")
+    code, _, err = run(capsys, *base, "--out", str(out), "--per-sample", str(taken))
+    assert_user_error(code, err, "exists", "--force")
+    assert taken.read_text() == "mine" and not out.exists()
+    code, _, err = run(capsys, *base, "--out", str(out), "--per-sample", str(taken), "--force", "--json")
+    assert code == 0, err
+    assert taken.read_text().startswith("video,query,tIoU")
+    code, _, err = run(capsys, *base, "--out", str(out), "--frames", "8")
+    assert_user_error(code, err, "--frames 16, not 8")
