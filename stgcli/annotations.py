@@ -101,7 +101,7 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path}: no such annotation file")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is fine
     except json.JSONDecodeError as e:
         raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
     except UnicodeDecodeError:
@@ -153,18 +153,21 @@ def load_hcstvg(path: str | os.PathLike[str]) -> list[Sample]:
         bbox = w.get(a, "bbox", where, (list,))
         if not bbox:
             raise w.fail(where, "'bbox' is empty; the tube needs at least one frame")
-        if "caption" in a:
-            query = normalize_query(a["caption"])
-        elif "English" in a:
-            query = normalize_query(a["English"])
-        else:
+        key = "caption" if "caption" in a else "English" if "English" in a else None
+        if key is None:
             raise w.fail(where, "missing key 'caption' (v1) or 'English' (v2)")
-        if not query:
-            raise w.fail(where, "the sentence is empty")
+        if not isinstance(a[key], str) or not normalize_query(a[key]):
+            raise w.fail(where, f"{key!r} must be a non-empty sentence, got {a[key]!r}")
+        query = normalize_query(a[key])
         width, height = a.get("width"), a.get("height")
         if "img_size" in a and isinstance(a["img_size"], (list, tuple)) and len(a["img_size"]) == 2:
             height, width = a["img_size"]  # v2: [height, width]
+        for dim, v in (("width", width), ("height", height)):
+            if v is not None and (not isinstance(v, (int, float)) or isinstance(v, bool) or v <= 0):
+                raise w.fail(where, f"{dim} must be a positive number of pixels, got {v!r}")
         first = st - 1
+        if first + len(bbox) > num:
+            raise w.fail(where, f"the tube (frames {st} to {st + len(bbox) - 1}, 1-based) runs past 'img_num' {num}")
         boxes = {first + i: b for i, b in enumerate(_box_ltwh(x) for x in bbox) if b is not None}
         samples.append(Sample(
             video=str(name), query=query, gt_span=(first, first + len(bbox) - 1), gt_boxes=boxes,
@@ -198,11 +201,17 @@ def _trajectory_boxes(traj: Any, tid: Any, w: _Where, where: str) -> dict[int, B
         raise w.fail(where, "'trajectories' must be a list with one list of boxes per frame")
     out: dict[int, Box] = {}
     for f, objs in items:
+        if not isinstance(objs, (list, type(None))):
+            raise w.fail(where, f"'trajectories' frame {f!r} must be a list of boxes, got {type(objs).__name__}")
+        try:
+            frame = int(f)
+        except (TypeError, ValueError):
+            raise w.fail(where, f"'trajectories' has a frame key {f!r} that is not a frame number") from None
         for o in objs or []:
             if isinstance(o, Mapping) and str(o.get("tid")) == str(tid):
                 b = _box_xyxy(o.get("bbox"))
                 if b is not None:
-                    out[int(f)] = b
+                    out[frame] = b
     return out
 
 
@@ -230,12 +239,17 @@ def load_vidstg(path: str | os.PathLike[str]) -> list[Sample]:
         num = a.get("frame_count")
         num = int(num) if isinstance(num, (int, float)) and num > 0 else (
             len(traj) if isinstance(traj, list) and len(traj) >= s1 else s1)
+        if not (0 <= s0 and s1 <= num and s0 <= g0 and g1 <= s1):
+            raise w.fail(where, f"frames do not nest: temporal_gt [{g0}, {g1}) must lie in used_segment [{s0}, {s1}), "
+                                f"and that in the video's {num} frames")
         queries = []
         for key, qtype in (("captions", "declarative"), ("questions", "interrogative")):
             for j, q in enumerate(a.get(key) or []):
                 qwhere = f"{where} {key}[{j}]"
                 text = w.get(q, "description", qwhere, (str,))
                 tid = w.get(q, "target_id", qwhere, (int, str))
+                if not normalize_query(text):
+                    raise w.fail(qwhere, "'description' is empty")
                 queries.append((qwhere, normalize_query(text), tid, qtype))
         if not queries:
             raise w.fail(where, "no 'captions' or 'questions' to ground")
@@ -258,7 +272,11 @@ def load_stg(path: str | os.PathLike[str]) -> list[Sample]:
     if not p.is_file():
         raise UserError(f"{p}: no such annotation file")
     samples = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = p.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not a UTF-8 text file; pass the manifest.jsonl that stg synth writes") from None
+    for n, line in enumerate(text.split("\n"), 1):
         if not line.strip():
             continue
         where = f"line {n}"
@@ -284,6 +302,8 @@ def load_stg(path: str | os.PathLike[str]) -> list[Sample]:
                 boxes[int(k)] = xyxy
         num = a.get("num_frames")
         num = int(num) if isinstance(num, int) and num > 0 else None
+        if num is not None and span is not None and span[1] >= num:
+            raise w.fail(where, f"'span_frames' {list(span)} runs past the video's {num} frames")
         fps = a.get("fps")
         samples.append(Sample(
             video=video, query=query, gt_span=span, gt_boxes=boxes,

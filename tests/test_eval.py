@@ -194,12 +194,41 @@ def test_stg_manifest(tmp_path):
     ("vidstg", {"a.mp4": {"img_num": 5}}, "'vid'"),
     ("stg", '{"video": "a.mp4", "query": "x", "boxes": {}}\n', "'span_frames'"),
     ("stg", "not json\n", "line 1"),
+    ("hcstvg", {"a.mp4": {"img_num": 5, "st_frame": 1, "bbox": [[0, 0, 1, 1]], "caption": "x", "width": "abc"}},
+     "width must be a positive number"),
+    ("hcstvg", {"a.mp4": {"img_num": 5, "st_frame": 1, "bbox": [[0, 0, 1, 1]], "caption": None}},
+     "'caption' must be a non-empty sentence"),
+    ("hcstvg", {"a.mp4": {"img_num": 10, "st_frame": 9, "bbox": [[0, 0, 1, 1]] * 5, "caption": "x"}},
+     "runs past 'img_num' 10"),
+    ("vidstg", [{"vid": "v", "fps": 10, "used_segment": {"begin_fid": 0, "end_fid": 5},
+                 "temporal_gt": {"begin_fid": 1, "end_fid": 3}, "trajectories": [5, 5, 5, 5, 5],
+                 "captions": [{"description": "x", "target_id": 0}]}], "must be a list of boxes"),
+    ("vidstg", [{"vid": "v", "fps": 10, "used_segment": {"begin_fid": 0, "end_fid": 5},
+                 "temporal_gt": {"begin_fid": 1, "end_fid": 3}, "trajectories": {"a": []},
+                 "captions": [{"description": "x", "target_id": 0}]}], "not a frame number"),
+    ("vidstg", [{"vid": "v", "fps": 10, "frame_count": 4, "used_segment": {"begin_fid": 0, "end_fid": 5},
+                 "temporal_gt": {"begin_fid": 1, "end_fid": 3}, "trajectories": [],
+                 "captions": [{"description": "x", "target_id": 0}]}], "do not nest"),
+    ("vidstg", [{"vid": "v", "fps": 10, "used_segment": {"begin_fid": 0, "end_fid": 5},
+                 "temporal_gt": {"begin_fid": 1, "end_fid": 3}, "trajectories": [],
+                 "captions": [{"description": " ", "target_id": 0}]}], "'description' is empty"),
+    ("stg", '{"video": "a.mp4", "query": "x", "span_frames": [2, 9], "num_frames": 5, "boxes": {}}\n',
+     "runs past the video's 5 frames"),
 ])
 def test_malformed_annotations_name_file_and_key(tmp_path, fmt, data, needle):
     p = write(tmp_path, "ann.json", data)
     with pytest.raises(UserError, match=needle) as e:
         load_annotations(p, fmt)
     assert "ann.json" in str(e.value)
+
+
+def test_annotation_files_with_a_bom_load_and_binary_ones_are_refused(tmp_path):
+    (tmp_path / "bom.json").write_bytes("\ufeff".encode() + json.dumps(
+        {"a.mp4": {"img_num": 5, "st_frame": 1, "bbox": [[0, 0, 1, 1]], "caption": "x"}}).encode())
+    assert [s.video for s in load_annotations(tmp_path / "bom.json", "hcstvg")] == ["a.mp4"]
+    (tmp_path / "clip.jsonl").write_bytes(b"\x00\x00\x00\x18ftypisom\xff\xfe")
+    with pytest.raises(UserError, match="not a UTF-8 text file"):
+        load_annotations(tmp_path / "clip.jsonl", "stg")
 
 
 # --- matching and failures ---------------------------------------------------------------------
