@@ -126,21 +126,55 @@ def registry(extra: str | os.PathLike | None = None) -> dict[str, ModelEntry]:
     known = set(ModelEntry.__dataclass_fields__) - {"name"}
     for path in _registry_files(extra):
         try:
-            data = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise UserError(f"{path}: not valid TOML ({e})") from None
-        for name, d in data.get("models", {}).items():
+        models = data.get("models", {})
+        if not isinstance(models, dict):
+            raise UserError(f"{path}: 'models' must be a table of [models.NAME] entries")
+        for name, d in models.items():
+            if not isinstance(d, dict):
+                raise UserError(f"{path}: model '{name}' must be a table ([models.{name}])")
             d = dict(d)
             unknown = set(d) - known
             if unknown:
                 raise UserError(f"{path}: model '{name}' has unknown keys {sorted(unknown)} "
                                 f"(known: {', '.join(sorted(known))})")
+            _check_entry(path, name, d)
             src = d.get("source", "")
             if src and not src.startswith(("package:", "hf:", "cache:")):
                 p = Path(src).expanduser()
                 d["source"] = str(p if p.is_absolute() else (path.parent / p))
             entries[name] = ModelEntry(name=name, **d)
     return entries
+
+
+_HEX = re.compile(r"[0-9a-f]{64}|[0-9a-f]{40}")
+
+
+def _check_entry(path: Path, name: str, d: dict) -> None:
+    """Types and values of one registry entry, so a typo is one line naming it (digests lowercased)."""
+    where = f"{path}: model '{name}'"
+    if not isinstance(d.get("source"), str) or not d["source"].strip():
+        raise UserError(f"{where}: needs source = \"package:DIR\", \"cache:DIR\", \"hf:REPO@COMMIT\" or a path")
+    for key, kind in (("description", str), ("license", str), ("size", str), ("files", dict),
+                      ("architecture", dict), ("build", dict), ("default_frames", int), ("default_quant", str)):
+        if key in d and (not isinstance(d[key], kind) or isinstance(d[key], bool)):
+            raise UserError(f"{where}: {key} must be a {'table' if kind is dict else kind.__name__}")
+    if "default_frames" in d and d["default_frames"] < 1:
+        raise UserError(f"{where}: default_frames must be at least 1")
+    if d.get("default_quant", "none") not in ("none", "4bit", "8bit"):
+        raise UserError(f"{where}: default_quant must be none, 4bit or 8bit, got {d['default_quant']!r}")
+    files = {}
+    for fname, digest in (d.get("files") or {}).items():
+        digest = str(digest).lower()
+        if not _HEX.fullmatch(digest):
+            raise UserError(f"{where}: files.{fname} must be a sha256 (64 hex digits), got {d['files'][fname]!r}")
+        if Path(fname).is_absolute() or ".." in Path(fname).parts:
+            raise UserError(f"{where}: files.{fname} must name a file inside the model's directory")
+        files[fname] = digest
+    if "files" in d:
+        d["files"] = files
 
 
 def get_entry(name: str, registry_file: str | os.PathLike | None = None) -> ModelEntry:
@@ -195,12 +229,23 @@ def expected_digests(entry: ModelEntry, directory: Path) -> tuple[dict[str, str]
     return {}, ""
 
 
+# The files transformers reads from a model directory (weights, configs, tokenizer, processor).
+_LOADED = re.compile(r".*\.safetensors|.*\.index\.json|config\.json|generation_config\.json|processor_config\.json"
+                     r"|tokenizer.*|special_tokens_map\.json|added_tokens\.json|chat_template.*|vocab\.json"
+                     r"|merges\.txt|preprocessor_config\.json")
+
+
 def verify(entry: ModelEntry, directory: Path) -> str:
     """Every pinned file exists and has its digest; otherwise stop the load. Returns the digests' origin."""
     digests, origin = expected_digests(entry, directory)
     if not digests:
         raise ModelError(f"model '{entry.name}': no sha256 digests to check {directory} against "
                          f"(none in weights.toml and no {MANIFEST}); refusing to load unverified weights")
+    loadable = sorted(f.name for f in directory.iterdir() if f.is_file() and _LOADED.fullmatch(f.name))
+    unpinned = [f for f in loadable if f not in digests]
+    if unpinned:  # a file stg would read without checking it could change the model's answers
+        raise ModelError(f"{directory / unpinned[0]}: read when model '{entry.name}' loads but not pinned by a "
+                         "digest; remove it, or pin it in the registry")
     for fname, digest in digests.items():
         p = directory / fname
         if not p.is_file():

@@ -289,6 +289,40 @@ def test_unpinned_hf_source_is_refused(capsys, tmp_path):
     assert code == 0 and "unpinned" in next(x for x in out.splitlines() if x.startswith("floating"))
 
 
+@pytest.mark.parametrize("body,needle", [
+    ("models = 3\n", "'models' must be a table"),
+    ("[models]\nfoo = 3\n", "model 'foo' must be a table"),
+    ("[models.foo]\nsource = 5\n", "needs source"),
+    ("[models.foo]\ndefault_frames = 8\n", "needs source"),
+    ('[models.foo]\nsource = "m"\nfiles = "abc"\n', "files must be a table"),
+    ('[models.foo]\nsource = "m"\nfiles = {"a" = "abc"}\n', "files.a must be a sha256"),
+    ('[models.foo]\nsource = "m"\ndefault_quant = "2bit"\n', "default_quant must be none, 4bit or 8bit"),
+    ('[models.foo]\nsource = "m"\ndefault_frames = "many"\n', "default_frames must be a int"),
+    ('[models.foo]\nsource = "m"\nfiles = {"../x" = "' + "a" * 64 + '"}\n', "inside the model's directory"),
+])
+def test_malformed_registry_is_one_line(capsys, tmp_path, body, needle):
+    toml = tmp_path / "w.toml"
+    toml.write_text(body)
+    code, _, err = run(capsys, "weights", "--registry", str(toml), "list")
+    assert_one_line_error(code, err, needle, "w.toml")
+
+
+def test_digests_are_case_blind_and_unpinned_loadable_files_are_refused(capsys, tmp_path):
+    import tomllib
+
+    d = tmp_path / "tiny"
+    shutil.copytree(ROOT / "stgcli" / "weights" / "spacevllm-tiny-shapes", d)
+    files = tomllib.loads((ROOT / "weights.toml").read_text())["models"]["spacevllm-tiny-shapes"]["files"]
+    toml = tmp_path / "w.toml"
+    pins = ", ".join(f'"{k}" = "{v.upper()}"' for k, v in files.items())
+    toml.write_text(f'[models.mine]\nsource = "tiny"\nfiles = {{{pins}}}\n')
+    code, out, err = run(capsys, "weights", "--registry", str(toml), "verify", "mine")
+    assert code == 0, err
+    (d / "special_tokens_map.json").write_text('{"eos_token": "red"}')  # would change the answers
+    code, _, err = run(capsys, "weights", "--registry", str(toml), "verify", "mine")
+    assert_one_line_error(code, err, "special_tokens_map.json", "not pinned")
+
+
 def test_unknown_name_lists_known_ones(capsys):
     for cmd in ("verify", "path", "fetch", "init"):
         code, _, err = run(capsys, "weights", cmd, "no-such-model")
