@@ -525,11 +525,16 @@ def resolve_device(device: str = "auto") -> str:
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    m = re.fullmatch(r"cuda(?::(\d+))?", device)
+    if device != "cpu" and m is None:
+        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if m is not None and not torch.cuda.is_available():
         raise UserError(f"--device {device}: no CUDA GPU is visible to torch; use --device cpu "
                         "(or install a CUDA build of torch, see README)")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise UserError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    if m is not None and m.group(1) is not None and int(m.group(1)) >= torch.cuda.device_count():
+        n = torch.cuda.device_count()
+        raise UserError(f"--device {device}: this machine has {n} CUDA GPU{'s' if n != 1 else ''} "
+                        f"(cuda:0{f' to cuda:{n - 1}' if n > 1 else ''})")
     return device
 
 
@@ -656,6 +661,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
                              "stg will not run it: ask its source for safetensors") from e
         raise ModelError(f"{directory}: cannot load model ({type(e).__name__}: {e})") from e
     _check_loading_info(directory, info)
+    _check_processor_fits(directory, processor, model.config)
     model.eval()
     return LoadedModel(model=model, processor=processor, name=entry.name if entry else str(directory),
                        sha256=digest, device=device, dtype=str(dtype).replace("torch.", ""),
@@ -676,6 +682,20 @@ def _check_model_type(directory: Path) -> None:
         raise ModelError(f"{directory}/config.json: {what}, not a complete SpaceVLLM config (needs model_type "
                          "\"spacevllm\", text_config and vision_config); for LLaVA-Video weights run "
                          "`stg weights init spacevllm-7b --from DIR`")
+
+
+def _check_processor_fits(directory: Path, processor, config) -> None:
+    """processor_config.json and tokenizer must make the inputs config.json's model expects."""
+    st, vc = processor.settings, config.vision_config
+    if (st.image_size, st.patch_size) != (vc.image_size, vc.patch_size):
+        raise ModelError(f"{directory}/processor_config.json: image_size {st.image_size} / patch_size {st.patch_size} "
+                         f"do not match the vision tower's {vc.image_size} / {vc.patch_size} in config.json")
+    tok = processor.tokenizer
+    for token, want in ((st.video_token, config.video_token_index), (st.query_token, config.query_token_index)):
+        got = tok.convert_tokens_to_ids(token)
+        if got != want:
+            raise ModelError(f"{directory}: token {token!r} is id {got} in the tokenizer but {want} in config.json; "
+                             "the tokenizer belongs to another model")
 
 
 def _check_loading_info(directory: Path, info: dict) -> None:

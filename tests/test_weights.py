@@ -6,6 +6,7 @@ Nothing here touches the network: fetch is tested against an unreachable local e
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -468,12 +469,12 @@ def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
     """No GPU here: check what load_model asks transformers for on CUDA (quantization, dtype, one
     device, sdpa) and that an OOM while loading becomes the one-line advice."""
     import stgcli.weights as w
-    from stgcli.models.spacevllm import SpaceVLLMForConditionalGeneration
+    from stgcli.models.spacevllm import SpaceVLLMConfig, SpaceVLLMForConditionalGeneration
 
     calls = {}
 
     class Fake:
-        config = None
+        config = SpaceVLLMConfig.from_pretrained(str(ROOT / "stgcli" / "weights" / "spacevllm-tiny-shapes"))
 
         def to(self, device):
             calls["to"] = device
@@ -487,6 +488,7 @@ def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
         return (Fake(), {}) if kwargs.get("output_loading_info") else Fake()
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(fake_from_pretrained))
     loaded = w.load_model(device="cuda:0", quant=quant)
     assert calls["dtype"] == torch.bfloat16 and calls["use_safetensors"] is True
@@ -619,3 +621,40 @@ def test_a_base_checkpoint_or_empty_name_is_not_a_grounding_model(capsys):
     assert_one_line_error(code, err, "base checkpoint, not a grounding model", "stg weights init spacevllm-7b")
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", "")
     assert_one_line_error(code, err, "--model is empty")
+
+
+def test_device_names_are_checked(monkeypatch):
+    from stgcli.errors import UserError as UE
+    from stgcli.weights import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == "cuda:1" and resolve_device("cuda") == "cuda"
+    for bad, needle in (("cuda:2", "has 2 CUDA GPUs (cuda:0 to cuda:1)"), ("cudafoo", "expected auto, cpu"),
+                        ("cuda:x", "expected auto, cpu"), ("gpu", "expected auto, cpu")):
+        with pytest.raises(UE, match=re.escape(needle)):
+            resolve_device(bad)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("size", "image_size 160 / patch_size 16 do not match the vision tower's 128 / 16"),
+    ("token", "token '<qq>' is id"),
+    ("list", "must be a JSON object"),
+])
+def test_processor_that_does_not_fit_the_model_is_one_line(capsys, tmp_path, case, needle):
+    d = _broken_copy(tmp_path, case)
+    proc = json.loads((d / "processor_config.json").read_text())
+    proc = [proc] if case == "list" else {**proc, **({"image_size": 160} if case == "size" else {"query_token": "<qq>"})}
+    (d / "processor_config.json").write_text(json.dumps(proc))
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", str(d),
+                       "--device", "cpu")
+    assert_one_line_error(code, err, needle)
+
+
+def test_processor_keys_of_a_newer_stg_are_kept_not_fatal(tmp_path):
+    from stgcli.models.spacevllm import SpaceVLLMProcessor
+
+    d = _broken_copy(tmp_path, "newer")
+    proc = json.loads((d / "processor_config.json").read_text())
+    (d / "processor_config.json").write_text(json.dumps({**proc, "future_option": 3}))
+    assert SpaceVLLMProcessor.from_pretrained(d).settings.extra["future_option"] == 3

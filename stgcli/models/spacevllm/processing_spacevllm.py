@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -70,9 +70,20 @@ class SpaceVLLMProcessor:
         from transformers import PreTrainedTokenizerFast
 
         directory = Path(directory)
-        settings = json.loads((directory / PROCESSOR_FILE).read_text())
-        settings["image_mean"] = tuple(settings["image_mean"])
-        settings["image_std"] = tuple(settings["image_std"])
+        path = directory / PROCESSOR_FILE
+        try:
+            settings = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read it ({e})") from None
+        known = {f.name for f in fields(ProcessorSettings)}
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path}: must be a JSON object of processor settings")
+        settings = dict(settings)
+        # keys a newer stg wrote go to `extra` (forward compatible), as the field is meant for
+        settings["extra"] = {**(settings.get("extra") or {}), **{k: settings.pop(k) for k in set(settings) - known}}
+        for k in ("image_mean", "image_std"):
+            if k in settings:
+                settings[k] = tuple(settings[k])
         tok = PreTrainedTokenizerFast.from_pretrained(str(directory))
         return cls(tok, ProcessorSettings(**settings))
 
