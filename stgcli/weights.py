@@ -602,6 +602,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     if entry is not None and entry.architecture.get("type") == "llava-next":
         raise ModelError(f"model '{name}' is a base checkpoint, not a grounding model; build one from it with "
                          f"`stg weights init spacevllm-7b --from DIR` and use --model spacevllm-7b")
+    # the flags first: a mistake there must not wait for 16 GB of weights to be hashed
+    device = resolve_device(device)
+    if quant is not None and quant not in ("none", "4bit", "8bit"):
+        raise UserError(f"--quant {quant}: expected none, 4bit or 8bit")
+    # A model whose default is 4-bit (the 7B) loads unquantized on a CPU unless --quant says otherwise:
+    # bitsandbytes on CPU saves memory, not time.
+    quant = quant or (entry.default_quant if entry and device.startswith("cuda") else "none")
+    check_quantization_available(quant)
     if entry is not None:
         if entry.kind == "hf":
             entry.pinned_revision()
@@ -618,15 +626,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         if not directory.is_dir() or not (directory / "config.json").is_file():
             raise ModelError(f"{directory}: not a model directory (needs config.json, safetensors weights, "
                              "tokenizer and processor_config.json)")
-        digest = _model_digest(directory, {})
+        # A registered model's own folder, or a build with its manifest, is checked even by path.
+        same = [e for e in entries.values() if (d := e.local_dir()) is not None and d.is_dir()
+                and d.resolve() == directory.resolve()]
+        pinned = same[0] if same else ModelEntry(name=str(directory), source=str(directory))
+        if same or (directory / MANIFEST).is_file():
+            verify(pinned, directory)
+        digest = _model_digest(directory, pinned.files)
     use_st = _check_safetensors(directory, allow_pickle)
-    device = resolve_device(device)
-    if quant is not None and quant not in ("none", "4bit", "8bit"):
-        raise UserError(f"--quant {quant}: expected none, 4bit or 8bit")
-    # A model whose default is 4-bit (the 7B) loads unquantized on a CPU unless --quant says otherwise:
-    # bitsandbytes on CPU saves memory, not time.
-    quant = quant or (entry.default_quant if entry and device.startswith("cuda") else "none")
-    check_quantization_available(quant)
     kwargs: dict = {"use_safetensors": use_st, "attn_implementation": _attn_implementation(device)}
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if quant != "none":
@@ -713,10 +720,15 @@ def _check_loading_info(directory: Path, info: dict) -> None:
 
 def _model_digest(directory: Path, files: dict) -> str | None:
     """What the result records as the model's sha256: the single weights file's digest, or for a
-    sharded model the digest of its stg-manifest.json (which pins every shard)."""
+    sharded model the digest of its stg-manifest.json's file map (which pins every shard; the
+    manifest's build time is left out, so two identical builds record the same digest)."""
     if "model.safetensors" in files:
         return files["model.safetensors"]
-    for f in ("model.safetensors", MANIFEST):
-        if (directory / f).is_file():
-            return sha256_file(directory / f)
+    if (directory / "model.safetensors").is_file():
+        return sha256_file(directory / "model.safetensors")
+    if (directory / MANIFEST).is_file():
+        pinned = expected_digests(ModelEntry(name=str(directory)), directory)[0]
+        return hashlib.sha256(json.dumps(pinned, sort_keys=True).encode()).hexdigest()
+    if (directory / "pytorch_model.bin").is_file():  # an --allow-pickle load is recorded too
+        return sha256_file(directory / "pytorch_model.bin")
     return None

@@ -28,6 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARD = 24_000  # bytes: the tiny model (~250 KB in bf16) spreads over several output shards
 
 
+def files_digest(built: Path) -> str:
+    """A built model's recorded sha256: of its manifest's file map (not of the manifest, which holds
+    the build time)."""
+    import hashlib
+
+    files = json.loads((built / MANIFEST).read_text())["files"]
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
 def assert_one_line_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
     lines = [x for x in err.splitlines() if x.strip()]
@@ -190,7 +199,7 @@ def test_init_writes_to_the_registry_location_and_verifies(capsys, source, tmp_p
     from stgcli.weights import load_model
 
     loaded = load_model("tiny-7b", device="cpu", registry_file=user_toml)
-    assert loaded.quantization == "none" and loaded.sha256 == sha256_file(out / MANIFEST)
+    assert loaded.quantization == "none" and loaded.sha256 == files_digest(out)
     # a corrupted shard stops the load with both digests
     shard = sorted(out.glob("model-*.safetensors"))[0]
     expected = json.loads((out / MANIFEST).read_text())["files"][shard.name]
@@ -558,7 +567,7 @@ def test_cli_init_then_ground_end_to_end(capsys, source, tmp_path):
     assert code == 0, err
     doc = json.loads(stdout)
     validate(doc)
-    assert doc["model"]["sha256"] == sha256_file(out / MANIFEST) and doc["sampling"]["num_frames"] == 4
+    assert doc["model"]["sha256"] == files_digest(out) and doc["sampling"]["num_frames"] == 4
 
 
 def _broken_copy(tmp_path, name):
@@ -658,3 +667,41 @@ def test_processor_keys_of_a_newer_stg_are_kept_not_fatal(tmp_path):
     proc = json.loads((d / "processor_config.json").read_text())
     (d / "processor_config.json").write_text(json.dumps({**proc, "future_option": 3}))
     assert SpaceVLLMProcessor.from_pretrained(d).settings.extra["future_option"] == 3
+
+
+def test_a_model_loaded_by_path_is_verified_where_digests_exist(capsys, tmp_path, monkeypatch):
+    """By path too: a build's stg-manifest.json, or the registry entry of that very folder, is checked."""
+    from stgcli.weights import write_manifest
+
+    d = _broken_copy(tmp_path, "built")
+    write_manifest(d)
+    _edit_weights(d, lambda t: t["space_decoder.box_head.2.weight"].add_(1.0))  # changed after the build
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", str(d),
+                       "--device", "cpu")
+    assert_one_line_error(code, err, "checksum mismatch")
+    # a registered model's own folder, named by path, is checked against its registry entry
+    import tomllib
+
+    mine = _broken_copy(tmp_path, "mine")
+    files = tomllib.loads((ROOT / "weights.toml").read_text())["models"]["spacevllm-tiny-shapes"]["files"]
+    toml = tmp_path / "w.toml"
+    pins = ", ".join(f'"{k}" = "{v}"' for k, v in files.items())
+    toml.write_text(f'[models.mine]\nsource = "mine"\nfiles = {{{pins}}}\n')
+    monkeypatch.setenv("STG_WEIGHTS", str(toml))
+    _edit_weights(mine, lambda t: t["space_decoder.box_head.2.weight"].add_(1.0))
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model",
+                       str(mine), "--device", "cpu")
+    assert_one_line_error(code, err, "checksum mismatch", "model 'mine'")
+
+
+def test_flag_mistakes_come_before_hashing_the_weights(capsys, monkeypatch):
+    import stgcli.weights as w
+
+    def no_hashing(*a, **k):
+        raise AssertionError("hashed the weights before checking the flags")
+
+    monkeypatch.setattr(w, "verify", no_hashing)
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cuda:x")
+    assert_one_line_error(code, err, "--device cuda:x")
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--quant", "3bit")
+    assert code == 2 and "3bit" in err and "hashed" not in err
