@@ -84,8 +84,10 @@ def _source_files(src: Path) -> list[Path]:
     index = src / "model.safetensors.index.json"
     if index.is_file():
         try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError) as e:
+            names = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+            if not all(isinstance(n, str) and Path(n).name == n for n in names):
+                raise ValueError("weight_map values must be shard file names")
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"{index}: not a safetensors index ({e})") from None
         files = [src / n for n in names]
         missing = [f.name for f in files if not f.is_file()]
@@ -103,9 +105,11 @@ def _source_files(src: Path) -> list[Path]:
 
 def _read_llava_config(src: Path) -> dict:
     try:
-        cfg = json.loads((src / "config.json").read_text())
+        cfg = json.loads((src / "config.json").read_text(encoding="utf-8"))
     except ValueError as e:
         raise ModelError(f"{src / 'config.json'}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ModelError(f"{src / 'config.json'}: must be a JSON object; not a LLaVA-NeXT checkpoint")
     tower = str(cfg.get("mm_vision_tower", ""))
     if not tower:
         raise ModelError(f"{src}: config.json has no mm_vision_tower; not a LLaVA-NeXT checkpoint")
@@ -125,12 +129,17 @@ def _shapes(files: list[Path]) -> dict[str, tuple[list[int], str]]:
     """Name -> (shape, dtype) of every tensor, from the shard headers only (no tensor is read)."""
     from safetensors import safe_open
 
+    from safetensors import SafetensorError
+
     out = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                sl = st.get_slice(k)
-                out[k] = (list(sl.get_shape()), sl.get_dtype())
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    sl = st.get_slice(k)
+                    out[k] = (list(sl.get_shape()), sl.get_dtype())
+        except (SafetensorError, OSError) as e:
+            raise ModelError(f"{f}: not a readable safetensors file ({e}); re-download it") from None
     return out
 
 

@@ -705,3 +705,21 @@ def test_flag_mistakes_come_before_hashing_the_weights(capsys, monkeypatch):
     assert_one_line_error(code, err, "--device cuda:x")
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--quant", "3bit")
     assert code == 2 and "3bit" in err and "hashed" not in err
+
+
+def test_init_of_a_malformed_source_is_one_line(capsys, source, tmp_path):
+    src, _ = source
+    cases = {"config.json": "[1]", "model.safetensors.index.json": '{"weight_map": []}'}
+    for fname, text in cases.items():
+        bad = tmp_path / f"bad-{fname}"
+        shutil.copytree(src, bad)
+        (bad / fname).write_text(text)
+        code, _, err = run(capsys, "weights", "init", "spacevllm-7b", "--from", str(bad), "--out", str(tmp_path / "o"))
+        assert_one_line_error(code, err, fname)
+    bad = tmp_path / "bad-shard"
+    shutil.copytree(src, bad)
+    shard = sorted(bad.glob("*.safetensors"))[0]
+    shard.write_bytes(b"\xff" * 64)
+    code, _, err = run(capsys, "weights", "init", "spacevllm-7b", "--from", str(bad), "--out", str(tmp_path / "o"))
+    assert_one_line_error(code, err, shard.name, "not a readable safetensors file")
+    assert not (tmp_path / "o").exists()
