@@ -440,6 +440,29 @@ def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
 _BYTES_PER_PARAM = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.07}  # NF4 + double-quant scales, roughly
 
 
+def available_ram_gib() -> float | None:
+    """MemAvailable from /proc/meminfo (Linux); None where it cannot be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) / 1024**2
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _check_cpu_memory(config, quant: str, frames: int) -> None:
+    """On CPU the unquantized weights are fp32, twice the GPU estimate's bf16: a 7B needs ~30 GiB. Say
+    so before loading, instead of the kernel killing the process without a word."""
+    need = estimate_memory_gib(config, quant, frames) * (2 if quant == "none" else 1)
+    avail = available_ram_gib()
+    if avail is not None and need > avail:
+        advice = "try --quant 4bit, or" if quant == "none" else "use"
+        raise ModelError(f"not enough memory: this model with --quant {quant} needs about {need:.1f} GiB of RAM on "
+                         f"CPU, {avail:.1f} GiB is available; {advice} a GPU (--device cuda)")
+
+
 def estimate_memory_gib(config, quant: str, frames: int) -> float:
     """Rough GPU memory for grounding one clip: weights at `quant` (vision, projector, decoder,
     embeddings and lm_head stay bf16) + KV cache + the largest transient activations. An estimate
@@ -652,6 +675,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise ModelError(f"{directory}: cannot read config.json ({e})") from e
     n_frames = frames or (entry.default_frames if entry else int(getattr(config, "num_frames", 16)))
+    if device == "cpu":
+        _check_cpu_memory(config, quant, n_frames)
     try:
         with cuda_oom_guard(config, quant, n_frames, device):
             model, info = SpaceVLLMForConditionalGeneration.from_pretrained(

@@ -723,3 +723,17 @@ def test_init_of_a_malformed_source_is_one_line(capsys, source, tmp_path):
     code, _, err = run(capsys, "weights", "init", "spacevllm-7b", "--from", str(bad), "--out", str(tmp_path / "o"))
     assert_one_line_error(code, err, shard.name, "not a readable safetensors file")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypatch):
+    import stgcli.weights as w
+
+    monkeypatch.setattr(w, "available_ram_gib", lambda: 0.1)
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
+    assert_one_line_error(code, err, "not enough memory", "0.1 GiB is available", "--quant 4bit")
+    monkeypatch.setattr(w, "available_ram_gib", lambda: None)  # unknown (not Linux): no guess, it loads
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
+    assert code == 0, err
+    from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
+
+    assert w.estimate_memory_gib(spacevllm_7b_config(), "none", 64) * 2 > 25  # the 7B in fp32
