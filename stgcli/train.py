@@ -11,7 +11,7 @@ import math
 import sys
 import time
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -279,7 +279,16 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
-def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: list[dict]) -> Path:
+# What a resumed run may change: how long it runs and how it reports, never what it learns from.
+RESUMABLE = ("out_dir", "steps", "max_minutes", "checkpoint_every", "log_every", "data_workers", "threads")
+
+
+def _fixed_settings(cfg: TrainConfig) -> dict:
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+
+
+def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: list[dict],
+                    config: dict | None = None) -> Path:
     """Write model + processor (a complete model directory) and the optimizer state; swap atomically."""
     import torch
 
@@ -295,7 +304,8 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     processor.save_pretrained(tmp)
     # The optimizer state is ours (not a user's download), written and read by this code only.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "log": log}) + "\n")
+    state = {"step": step, "log": log, **({"config": config} if config is not None else {})}
+    (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
     if ckpt.exists():
         if old.exists():
             shutil.rmtree(old)
@@ -309,9 +319,10 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     return ckpt
 
 
-def _load_checkpoint(out_dir: Path):
+def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
     """(model, processor, step, log, optimizer state) from OUT_DIR/checkpoint, or from checkpoint.old when
-    a crash came between the two renames of a checkpoint swap; a broken one is one line, exit 2."""
+    a crash came between the two renames of a checkpoint swap; a broken one is one line, exit 2. With
+    `cfg`, a config that changes what the run learns from (anything but RESUMABLE) is refused."""
     import torch
 
     from .models.spacevllm import SpaceVLLMForConditionalGeneration, SpaceVLLMProcessor
@@ -330,6 +341,7 @@ def _load_checkpoint(out_dir: Path):
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         step, log = int(state["step"]), list(state["log"])
+        saved = state.get("config")
         model = SpaceVLLMForConditionalGeneration.from_pretrained(ckpt)
         processor = SpaceVLLMProcessor.from_pretrained(ckpt)
         # The optimizer state is ours (not a user's download), written and read by this code only.
@@ -337,6 +349,13 @@ def _load_checkpoint(out_dir: Path):
     except Exception as e:  # noqa: BLE001 - json, safetensors, transformers and torch each raise their own
         raise UserError(f"{ckpt}: corrupt checkpoint ({type(e).__name__}: {e}); resume from a copy or start fresh "
                         "in another out_dir") from None
+    if cfg is not None and isinstance(saved, dict):  # checkpoints from before this check carry no config
+        now = json.loads(json.dumps(_fixed_settings(cfg)))  # as JSON has it (tuples -> lists)
+        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if changed:
+            k = changed[0]
+            raise UserError(f"{ckpt}: was trained with {k} = {saved.get(k)!r}, this config says {now.get(k)!r}; a "
+                            f"resumed run may change only {', '.join(RESUMABLE[1:])} (or start fresh elsewhere)")
     return model, processor, step, log, opt_state
 
 
@@ -367,7 +386,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         torch.set_num_threads(cfg.threads)
     start, log, opt_state = 0, [], None
     if resume:
-        model, processor, start, log, opt_state = _load_checkpoint(out_dir)
+        model, processor, start, log, opt_state = _load_checkpoint(out_dir, cfg)
     else:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # --force: the earlier run's state goes
             if (out_dir / name).is_dir():
@@ -414,7 +433,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         done = step + 1 == cfg.steps
         out_of_time = cfg.max_minutes and (time.time() - t0) > cfg.max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
-            save_checkpoint(model, processor, opt, step + 1, out_dir, log)
+            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg))
         if out_of_time:
             print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
                   "continue with --resume and a larger max_minutes", file=sys.stderr)

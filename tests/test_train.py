@@ -103,6 +103,8 @@ def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(t
     shutil.copytree(ckpt, out / "checkpoint.old")
     train(small_cfg(out_dir=str(out), steps=3), resume=True, progress=False)
     assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    with pytest.raises(UserError, match="was trained with lr = 0.0006, this config says 0.002"):
+        train(small_cfg(out_dir=str(out), steps=4, lr=2e-3), resume=True, progress=False)
     (ckpt / "optimizer.pt").write_bytes(b"junk")
     with pytest.raises(UserError, match="corrupt checkpoint"):
         train(small_cfg(out_dir=str(out), steps=4), resume=True, progress=False)
