@@ -428,10 +428,14 @@ def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
     """True if the directory holds safetensors weights; refuse pickle-only checkpoints by default."""
     if any(directory.glob("*.safetensors")):
         return True
-    if any(p.suffix in _PICKLE_SUFFIXES for p in directory.iterdir()):
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+    if pickles:
         if not allow_pickle:
-            raise ModelError(f"{directory}: holds only pickle weights (.bin/.pt), which can run code when loaded; "
+            raise ModelError(f"{directory}: holds only pickle weights ({pickles[0]}), which can run code when loaded; "
                              "convert them to safetensors, or pass --allow-pickle if you trust the source")
+        if not (directory / "pytorch_model.bin").is_file() and not (directory / "pytorch_model.bin.index.json").is_file():
+            raise ModelError(f"{directory}: a pickle checkpoint loads from pytorch_model.bin (transformers' name); "
+                             f"found {', '.join(pickles)}")
         return False
     raise ModelError(f"{directory}: no model weights (*.safetensors) found")
 

@@ -437,6 +437,9 @@ def test_pickle_only_directory_is_refused_unless_allowed(capsys, tmp_path):
     with pytest.raises(ModelError, match="--allow-pickle"):
         _check_safetensors(tmp_path, allow_pickle=False)
     assert _check_safetensors(tmp_path, allow_pickle=True) is False
+    (tmp_path / "pytorch_model.bin").rename(tmp_path / "model.pt")  # a name transformers never loads
+    with pytest.raises(ModelError, match="loads from pytorch_model.bin.*found model.pt"):
+        _check_safetensors(tmp_path, allow_pickle=True)
 
 
 # -- GPU memory advice --------------------------------------------------------------------------------
