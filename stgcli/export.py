@@ -116,7 +116,9 @@ def export(source: str | os.PathLike, fmt: str, out: str | os.PathLike | None = 
     src = Path(source)
     docs, notes = load_results(src)
     n_empty = len(docs) - len(_boxed(docs))
-    if n_empty:
+    if not docs:
+        notes.append(f"{src}: holds no results; the export has no rows")
+    elif n_empty:
         notes.append(f"{n_empty} of {len(docs)} results have no track (no span or an error) and export no rows")
     out_p = Path(out) if out is not None else None
     if fmt == "csv" or src.suffix.lower() != ".jsonl":

@@ -177,6 +177,9 @@ def test_export_keeps_inputs_and_leaves_no_stale_sequences(tmp_path, capsys):
     assert (mot / "c.txt").read_text() == ""
     assert "c.txt,,c.mp4," in (mot / "tracks.csv").read_text()
 
+    (tmp_path / "empty.jsonl").write_text("")
+    code, out, err = run(capsys, "export", str(tmp_path / "empty.jsonl"), "--format", "csv")
+    assert code == 0 and out.startswith("video,query") and "holds no results" in err
     bad = tmp_path / "bad.jsonl"
     bad.write_text(jl.read_text() + "\n" + json.dumps({"schema": "stg.grounding/v1"}) + "\n")
     code, _, err = run(capsys, "export", str(bad), "--format", "csv")
