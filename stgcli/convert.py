@@ -385,7 +385,8 @@ def convert_llava_next(src: str | os.PathLike, out: str | os.PathLike, *, max_sh
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
         vc = config.vision_config
-        settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size, time_decimals=config.time_decimals,
+        settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size,
+                                     time_decimals=config.time_decimals,
                                      video_token="<video>", query_token="<stq>", **PROMPT_7B)
         SpaceVLLMProcessor(tok, settings).save_pretrained(tmp)
         (tmp / "MODEL_CARD.md").write_text(_model_card(src, config, seed, ids, new_ids, rows0, rows))

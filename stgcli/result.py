@@ -887,8 +887,8 @@ class JsonlWriter:
     a cut record) is truncated away (`repaired`); any other line that is not a record makes it
     refuse the file. The (video.path, query) keys already present are loaded so a rerun can skip
     finished items. `append` refuses a key already there, unless `retry` and that key's last
-    record is an error; a failed write is rolled back so the file never keeps a half line. An exclusive advisory lock (POSIX) stops a second
-    writer on the same file.
+    record is an error; a failed write is rolled back so the file never keeps a half line. An
+    exclusive advisory lock (POSIX) stops a second writer on the same file.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:

@@ -433,7 +433,7 @@ def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
         if not allow_pickle:
             raise ModelError(f"{directory}: holds only pickle weights ({pickles[0]}), which can run code when loaded; "
                              "convert them to safetensors, or pass --allow-pickle if you trust the source")
-        if not (directory / "pytorch_model.bin").is_file() and not (directory / "pytorch_model.bin.index.json").is_file():
+        if not any((directory / n).is_file() for n in ("pytorch_model.bin", "pytorch_model.bin.index.json")):
             raise ModelError(f"{directory}: a pickle checkpoint loads from pytorch_model.bin (transformers' name); "
                              f"found {', '.join(pickles)}")
         return False

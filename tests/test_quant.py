@@ -50,7 +50,8 @@ def test_quantized_model_agrees_with_fp32(clips, fp32, quant, layer):
                           span_frames(b.span.start_frame, b.span.end_frame)))
         boxes = {t.frame: t.xyxy for t in b.track}
         ious += [float(box_iou(t.xyxy, boxes[t.frame])) for t in a.track if t.frame in boxes]
-    print(f"{quant}: tIoU {[round(x, 3) for x in tious]}, mean box IoU {sum(ious) / len(ious):.4f} over {len(ious)} frames")
+    print(f"{quant}: tIoU {[round(x, 3) for x in tious]}, "
+          f"mean box IoU {sum(ious) / len(ious):.4f} over {len(ious)} frames")
     assert len(tious) >= 3  # the comparison is not vacuous
     assert min(tious) >= 0.9, tious
     assert sum(ious) / len(ious) >= 0.8, ious

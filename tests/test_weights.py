@@ -656,7 +656,8 @@ def test_device_names_are_checked(monkeypatch):
 def test_processor_that_does_not_fit_the_model_is_one_line(capsys, tmp_path, case, needle):
     d = _broken_copy(tmp_path, case)
     proc = json.loads((d / "processor_config.json").read_text())
-    proc = [proc] if case == "list" else {**proc, **({"image_size": 160} if case == "size" else {"query_token": "<qq>"})}
+    change = {"image_size": 160} if case == "size" else {"query_token": "<qq>"}
+    proc = [proc] if case == "list" else {**proc, **change}
     (d / "processor_config.json").write_text(json.dumps(proc))
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--model", str(d),
                        "--device", "cpu")
