@@ -328,7 +328,8 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_fai
         check_plot_available()
     from .result import check_output_path
 
-    inputs = (annotations, predictions, out_path)
+    default_out = Path(f"{Path(annotations).stem}.preds.jsonl") if predictions is None else None
+    inputs = (annotations, predictions, out_path or default_out)
     for p, opt in ((per_sample, "--per-sample"), (plot_path, "--plot")):  # before the model runs, not after
         if p is not None:
             check_output_path(p, force, opt, source=inputs, source_kind="file of this evaluation")
