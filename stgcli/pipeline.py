@@ -146,7 +146,9 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
             span = Span.from_frames(a, b, info.fps, frame_times=sampled.frame_times)
     if span is None:
         track = []
-        warnings.append(f"no span: the model's answer {text!r} is not a valid span for this clip")
+        # joint decoding's empty answer is the model saying "not there", not a malformed one
+        if text.strip() or loaded.span_decoding != "joint":
+            warnings.append(f"no span: the model's answer {text!r} is not a valid span for this clip")
     t = {"decode": round(timing.get("decode", 0.0), 4), "model": round(timing.get("model", 0.0), 4)}
     t["total"] = round(timing.get("total", t["decode"] + t["model"]), 4)
     video_meta = VideoMeta(path=str(video), fps=info.fps, width=info.width, height=info.height,

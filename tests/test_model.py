@@ -216,6 +216,16 @@ def test_span_candidates_rank_spans_by_presence_likelihood(small):
     assert all(c[-1] == proc.tokenizer.eos_token_id for c in ids)
 
 
+def test_span_candidates_answer_nothing_when_no_frame_shows_the_object(small):
+    """"In no frame" likelier than every span -> the one empty answer (span: null); otherwise spans."""
+    _, proc = small
+    times = [0.0, 0.5, 1.0, 1.5]
+    ids, prior = proc.span_candidates(times, np.array([0.02, 0.05, 0.01, 0.03]))
+    assert ids == [[]] and prior[0] == pytest.approx(np.log([0.98, 0.95, 0.99, 0.97]).sum())
+    ids, prior = proc.span_candidates(times, np.array([0.02, 0.6, 0.01, 0.03]))  # one frame says yes
+    assert ids and all(ids) and proc.parse_answer(proc.decode(ids[0]), 1.5) == (0.5, 0.5)
+
+
 def test_span_candidates_write_each_answer_once(small):
     _, proc = small
     times = [0.0, 0.04, 0.08, 1.0]  # 0.04 prints as "0.0" at one decimal: two frames, one text
@@ -344,6 +354,8 @@ def test_presence_bias_shifts_inference_scores_and_lengthens_spans(small):
 
     def best_len(p):
         ids, _ = proc.span_candidates(times, p.numpy(), k=1)
+        if ids == [[]]:  # "in no frame": shorter than any span
+            return -1.0
         start, end = proc.parse_answer(proc.decode(ids[0]), times[-1] + 0.5)
         return end - start
 

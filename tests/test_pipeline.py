@@ -49,8 +49,14 @@ def test_span_reaching_the_clip_ends(model):
     assert len(res.track) == 150
 
 
-@pytest.mark.parametrize("text", ["from 5.0 to 1.0 seconds", "from 1.0 to 60.0 seconds", "somewhere", ""])
-def test_malformed_answers_give_null_span(model, text):
+@pytest.mark.parametrize("text,decoding", [("from 5.0 to 1.0 seconds", "joint"), ("from 1.0 to 60.0 seconds", "joint"),
+                                           ("somewhere", "joint"), ("", "text")])
+def test_malformed_answers_give_null_span(model, text, decoding):
+    """(Joint decoding's empty answer is "not there", see test_nothing_there_is_span_null_without_a_warning;
+    free text that is empty is malformed.)"""
+    import dataclasses
+
+    model = dataclasses.replace(model, span_decoding=decoding)
     prep = prepare(model, EXAMPLE, "the red circle", frames=8)
     res = _finish(model, prep, EXAMPLE, text)
     assert res.span is None and res.track == []
@@ -122,3 +128,15 @@ def test_unknown_span_decoding_is_a_user_error():
 
     with pytest.raises(UserError, match="span decoding 'beam'"):
         load_model(device="cpu", span_decoding="beam")
+
+
+def test_nothing_there_is_span_null_without_a_warning(model, tmp_path):
+    """A blank clip: the default joint decoding answers "not there" (span null, empty track), which
+    is an answer, not a malformed one; it could never say so before."""
+    from stgcli.pipeline import ground
+    from tests.videogen import write_video
+
+    blank = write_video(tmp_path / "blank.mp4", [np.full((96, 128, 3), 120, np.uint8)] * 20, fps=10)
+    res = ground(blank, "the red square", model=model)
+    assert res.span is None and res.track == [] and res.warnings == []
+    validate(res.to_dict())

@@ -322,6 +322,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         presence = torch.sigmoid(res.presence_logits[0] + self.config.presence_bias)
         if answer_candidates is not None:
             candidates, prior = answer_candidates(presence.float().cpu())
+            if candidates == [[]]:  # absent: the empty answer, no language model needed
+                return [], res.boxes[0], presence
             if candidates:
                 lm = self.answer_log_likelihood(past, attention_mask, hidden[:, -1], candidates)
                 best = int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())

@@ -142,12 +142,17 @@ class SpaceVLLMProcessor:
         per-frame scores p its log-likelihood is sum(log p) inside + sum(log(1 - p)) outside, which
         prefix sums give for all F^2 / 2 spans at once. Answers that format to the same text (frames
         closer together than the printed precision) are kept once, with their best prior.
+
+        When "in no frame" (sum(log(1 - p))) is likelier than every span, the object is absent and
+        the only answer is the empty one, `[[]]`: the result's span is null ("not there").
         """
         p = np.clip(np.asarray(presence, dtype=np.float64), 1e-4, 1 - 1e-4)
         cin = np.concatenate([[0.0], np.cumsum(np.log(p))])
         cout = np.concatenate([[0.0], np.cumsum(np.log1p(-p))])
         i, j = np.triu_indices(len(p))
         score = cout[-1] - (cout[j + 1] - cout[i]) + (cin[j + 1] - cin[i])
+        if len(score) == 0 or cout[-1] > score.max():
+            return [[]], np.asarray([cout[-1]], dtype=np.float64)
         ids, prior, seen = [], [], set()
         for n in np.argsort(-score, kind="stable"):
             text = (self.format_time(float(times_s[i[n]])), self.format_time(float(times_s[j[n]])))
