@@ -13,7 +13,9 @@ import numpy as np
 from .errors import UserError
 from .result import GroundingResult, ModelMeta, Sampling, Span, VideoMeta, build_track
 
-_WORD = re.compile(r"[a-z0-9']+")
+# How the built-in model's tokenizer cuts a word (after lowercasing): letter runs in any script, each
+# digit, each punctuation mark.
+_PIECE = re.compile(r"\d|[^\W\d_]+|[^\w\s]|_")
 
 
 def normalize_query(text) -> str:
@@ -41,14 +43,16 @@ def check_video_path(video: str | os.PathLike) -> None:
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
-    """Words of the query the model never saw in training (empty for open-vocabulary models)."""
+    """Words of the query (as typed) holding a piece the model never saw in training: a word, or a
+    digit or punctuation mark the tokenizer splits off ("cup!", "rëd", "圆"). Empty for
+    open-vocabulary models."""
     if not vocabulary:
         return []
     seen, out = set(), []
-    for w in _WORD.findall(query.lower()):
-        if w not in vocabulary and w not in seen:
-            seen.add(w)
-            out.append(w)
+    for word in query.split():
+        if any(p not in vocabulary for p in _PIECE.findall(word.lower())) and word not in seen:
+            seen.add(word)
+            out.append(word)
     return out
 
 

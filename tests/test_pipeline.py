@@ -89,7 +89,11 @@ def test_window_bounds_sampling_and_span(model):
 
 def test_unknown_words():
     vocab = {"the", "red", "circle", "up"}
-    assert unknown_words("The man in RED who picks up the cup!", vocab) == ["man", "in", "who", "picks", "cup"]
+    assert unknown_words("The man in RED who picks up the cup!", vocab) == ["man", "in", "who", "picks", "cup!"]
+    # what the tokenizer turns into <unk> is named: other scripts, accents, full-width letters, marks
+    assert unknown_words("the red 圆 rëd ｒｅｄ red-circle circle_up circle", vocab) == [
+        "圆", "rëd", "ｒｅｄ", "red-circle", "circle_up"]
+    assert unknown_words("the circle 2", vocab) == ["2"]
     assert unknown_words("anything at all", None) == []
 
 
