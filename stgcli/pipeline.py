@@ -81,9 +81,10 @@ def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = N
 
 def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:
     """Video frames whose timestamp lies in [lo, hi], kept inside the sampled window."""
-    # The sampled window (the whole clip by default) bounds the span. Frame times are index/fps
-    # for constant-rate files and the stream's pts for VFR: one clock for both.
-    w_lo, w_hi = int(sampled.indices[0]), int(sampled.indices[-1])
+    # The sampled window (the whole clip by default) bounds the span, not the first and last sample
+    # (one sample, or a last one that did not decode, would cut it). Frame times are index/fps for
+    # constant-rate files and the stream's pts for VFR: one clock for both.
+    w_lo, w_hi = sampled.window or (int(sampled.indices[0]), int(sampled.indices[-1]))
     t = sampled.frame_times
     eps = 1e-6
     a = max(w_lo, int(np.searchsorted(t, lo - eps, side="left")))

@@ -75,6 +75,7 @@ class SampledFrames:
     time_source: str  # "index/fps" or "pts"
     warnings: list[str] = field(default_factory=list)
     frame_times: np.ndarray | None = None  # every frame's time, on the clock of times_s (maps a span to frames)
+    window: tuple[int, int] | None = None  # first and last frame of the window sampled from (inclusive)
 
 
 @dataclass(frozen=True)
@@ -522,7 +523,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     stack = np.stack([frames[i] for i in idx]).astype(np.uint8, copy=False)
     return SampledFrames(stack, idx, scan.times_s[idx], replace(scan.info, backend=used),
                          "pts" if scan.info.vfr else "index/fps",
-                         list(scan.warnings) + warnings, scan.times_s)
+                         list(scan.warnings) + warnings, scan.times_s, _window(scan, start_s, end_s))
 
 
 def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: str, threads: int = 0):

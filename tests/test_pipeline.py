@@ -144,3 +144,18 @@ def test_nothing_there_is_span_null_without_a_warning(model, tmp_path):
     res = ground(blank, "the red square", model=model)
     assert res.span is None and res.track == [] and res.warnings == []
     validate(res.to_dict())
+
+
+def test_span_is_bounded_by_the_window_not_by_the_samples(model):
+    """With one sample the answer covers the window (snap_span has no neighbour to stop at); the
+    span must follow it, not shrink to the sampled frame."""
+    prep = prepare(model, EXAMPLE, "the red circle", frames=1)
+    assert len(prep["sampled"].indices) == 1 and prep["sampled"].window == (0, 149)
+    t = prep["sampled"].times_s[0]
+    res = _finish(model, prep, EXAMPLE, f"from {t:.1f} to {t:.1f} seconds")
+    assert (res.span.start_frame, res.span.end_frame) == (0, 149) and len(res.track) == 150
+    prep = prepare(model, EXAMPLE, "the red circle", frames=1, start_s=2.0, end_s=4.0)
+    assert prep["sampled"].window == (50, 100)
+    t = prep["sampled"].times_s[0]
+    res = _finish(model, prep, EXAMPLE, f"from {t:.1f} to {t:.1f} seconds")
+    assert (res.span.start_frame, res.span.end_frame) == (50, 100)
