@@ -133,6 +133,11 @@ def _open(path: str | os.PathLike, threads: int = 0):
     import av
 
     p = check_path(path)
+    # FFmpeg's own log lines ("partial file", "co located POCs unavailable") would reach stderr
+    # beside stg's; what they mean for the user, stg says itself (truncation, dropped frames).
+    # libav's own level, not av.logging.set_level: a Python log callback can deadlock FFmpeg's
+    # decoder threads (they wait for the GIL).
+    av.logging.set_libav_level(av.logging.FATAL)
     try:
         container = av.open(str(p), metadata_errors="ignore")
         for stream in container.streams.video if threads > 0 else ():
@@ -189,6 +194,8 @@ def _decode(container, stream, seek_pts: int | None = None, keep: set | None = N
     skip = keep is not None and ctx.name in _NONREF_SKIP
     try:
         for packet in container.demux(stream):
+            if packet.is_corrupt:  # as _demux_packets does when counting: the same frames, however many threads
+                continue
             if skip:  # read by the decoder per packet (and handed to its frame threads)
                 ctx.skip_frame = "NONREF" if packet.pts is not None and packet.pts not in keep else "DEFAULT"
             try:
@@ -400,6 +407,8 @@ def _scan(path: str | os.PathLike, verify_tail: bool = True) -> _Scan:
     scan (one frame per packet); `sample_frames` then checks the tail as it reads it, which
     saves decoding a short clip's single GOP twice.
     """
+    import av
+
     with _open(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
@@ -409,8 +418,13 @@ def _scan(path: str | os.PathLike, verify_tail: bool = True) -> _Scan:
         keys = np.flatnonzero(np.asarray(pk.keys, bool)[order]) if len(order) else order
         usable = len(pts) and not pk.missing_ts and len(np.unique(pts)) == len(pts)
         good, frame, counted = None, None, False
-        if usable and _format_name(container) in _SEEKABLE and not pk.demux_error and not verify_tail:
-            frame = next(iter(_decode(container, stream, int(pts[0]))), None)  # for the rotation
+        # Not AVI: its packet "pts" are decode-order counters when B-frames exist, which only the
+        # tail check (_verify_tail's order test) catches.
+        if usable and _format_name(container) in _SEEKABLE - {"avi"} and not pk.demux_error and not verify_tail:
+            try:
+                frame = next(iter(_decode(container, stream, int(pts[0]))), None)  # for the rotation
+            except av.FFmpegError:  # no keyframe to seek to (a file cut mid-GOP): the careful path
+                frame = None
             if frame is not None:
                 scan = _build_scan(path, container, stream, pk, pts, keys, False, frame)
                 return replace(scan, provisional=True, info=replace(scan.info, backend="pyav"))
@@ -546,6 +560,8 @@ def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: st
     if hi != scan.info.num_frames - 1:
         return None, None
     idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
+    if idx[-1] != hi:  # one sample (the window's first frame) does not prove the tail decodes
+        return None, None
     got = _read_pyav(path, scan, idx, size, threads)
     if len(got) != len(idx):
         return None, None
@@ -636,6 +652,7 @@ def _import_decord():
         import decord
     except (ImportError, OSError):
         return None
+    decord.logging.set_level(decord.logging.FATAL)  # its own FFmpeg's log lines, as for PyAV's (_open)
     return decord
 
 
@@ -747,10 +764,14 @@ def _read_decord(path, scan: _Scan, idx: np.ndarray, size, threads: int = 0) -> 
     # fails): decode rotated videos at full size and resize here.
     w, h = size if size is not None and scan.info.rotation == 0 else (-1, -1)
     try:
+        if scan.container == "mpegts":  # it opens them, but its frames come back a GOP late
+            raise VideoError(f"{path}: decord cannot read {scan.container} files exactly; use backend 'pyav'")
         vr = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h, num_threads=threads)
-        if len(vr) < scan.info.num_frames:
-            raise VideoError(f"{path}: decord sees only {len(vr)} of "
-                             f"{scan.info.num_frames} frames; use backend 'pyav'")
+        if len(vr) != scan.info.num_frames:
+            # fewer: it cannot reach them; more (an MP4 edit list's discarded samples, a truncated
+            # tail): its indices may be shifted. PyAV identifies frames by timestamp instead.
+            raise VideoError(f"{path}: decord sees {len(vr)} frames where {scan.info.num_frames} decode; "
+                             "use backend 'pyav'")
         read = _decord_random if _decord_random_ok(scan) else _decord_sequential
         return {i: _decord_fix(a, scan.info, size) for i, a in read(vr, idx)}
     except VideoError:

@@ -362,3 +362,46 @@ def test_iter_frames_vfr_and_rotation(clip):
     assert times == pytest.approx([p / 10000 for p in VFR_PTS])
     for i, _, f in video.iter_frames(clip("rot_cw90.mp4")):
         assert f.shape == (W, H, 3) and read_code(np.rot90(f, k=1)) == i
+
+
+@pytest.mark.parametrize("n", [16, 20, 36])
+def test_b_frames_in_avi_come_back_in_order_from_the_default_path(tmp_path, n):
+    """AVI packet "pts" are decode-order counters with B-frames; the one-pass read trusted them
+    and fed the model frames out of order (0, 2, 1, 3, 7, 5, ...) for some clip lengths."""
+    from tests import videogen as vg
+
+    path = vg.write_video(tmp_path / f"bf{n}.avi", vg.painted_frames(n, 160, 120), 25, options={"g": "12", "bf": "3"})
+    for k in (n, 1000):
+        s = video.sample_frames(path, k, size=(128, 128))
+        assert codes(s.frames) == s.indices.tolist()
+
+
+def test_one_sample_still_checks_the_tail_and_ffmpeg_stays_quiet(clip, capfd):
+    """--frames 1 samples only the window's first frame, which proves nothing about the tail: the
+    truncation must still be found. FFmpeg's own log lines never reach stderr."""
+    s = video.sample_frames(clip("truncated.mkv"), 1)
+    assert any("truncated" in w for w in s.warnings)
+    assert s.info.num_frames == video.probe(clip("truncated.mkv")).num_frames < 90
+    video.sample_frames(clip("truncated.mkv"), 16)
+    assert "@ 0x" not in capfd.readouterr().err
+
+
+def test_one_sample_finds_a_tail_that_does_not_decode(tmp_path):
+    """An intact container whose last GOP's pictures are zeroed: one sample (the first frame) must
+    not take the one-pass read, which only proves the tail when it samples the last frame."""
+    import av
+
+    from tests import videogen as vg
+
+    path = vg.write_video(tmp_path / "a.mp4", vg.painted_frames(60, 160, 120), 25, options={"g": "12", "bf": "0"})
+    data = bytearray(path.read_bytes())
+    with av.open(str(path)) as c:
+        packets = [(p.pos, p.size, p.is_keyframe) for p in c.demux(video=0) if p.size]
+    last_key = max(i for i, (_, _, key) in enumerate(packets) if key)
+    for pos, size, _ in packets[last_key:]:
+        data[pos + 4:pos + size] = bytes(size - 4)  # keep each NAL's length field, zero its payload
+    bad = tmp_path / "badtail.mp4"
+    bad.write_bytes(bytes(data))
+    one, many = video.sample_frames(bad, 1), video.sample_frames(bad, 16)
+    assert one.info.num_frames == many.info.num_frames < 60
+    assert any("truncated" in w for w in one.warnings)
