@@ -41,7 +41,8 @@ PROMPT_7B = {
     "prefix": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
               "Find when and where this is seen in the video: ",
     "intro": "\nFrames, each after its timestamp in seconds:",
-    "suffix": "\nAnswer as: from A to B seconds.<|im_end|>\n<|im_start|>assistant\n",
+    # no final period: a model that copies it would write an answer the strict parser refuses
+    "suffix": "\nAnswer in the form: from A to B seconds<|im_end|>\n<|im_start|>assistant\n",
     "answer_template": "from {start} to {end} seconds",
 }
 

@@ -199,6 +199,10 @@ def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | No
     if unknown:
         warnings.append(vocabulary_warning(loaded.name, unknown))
     warnings.extend(prep["sampled"].warnings)
+    limit = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
+    if limit and len(prep["ids"]) > limit:
+        warnings.append(f"the prompt has {len(prep['ids'])} tokens, more than the {limit} positions model "
+                        f"'{loaded.name}' was built for; its answer is unreliable: use fewer --frames")
     text, boxes, scores, model_s = run_model(loaded, prep)
     timing = {"decode": prep["decode_s"], "model": model_s}
     if t0 is not None:

@@ -155,10 +155,24 @@ def test_full_size_config_has_llava_video_7b_shapes():
     ("from 2 . 3 to 6 . 4 seconds extra", None),
     ("", None),
     ("<unk> <unk>", None),
+    ("from \u0661.\u0660 to 2.0 seconds", None),  # Arabic-Indic digits: not the template's
 ])
 def test_parse_answer_is_strict(small, text, expected):
     _, proc = small
     assert proc.parse_answer(text, duration_s=10.0) == (pytest.approx(expected) if expected else None)
+
+
+def test_decoded_answers_read_as_written(small):
+    """The word tokenizer spells numbers digit by digit; the answer results carry reads "1.2"."""
+    _, proc = small
+    assert proc.decode(proc.encode_answer(1.2, 10.8)[:-1]) == "from 1.2 to 10.8 seconds"
+
+
+def test_the_7b_prompt_does_not_teach_an_answer_the_parser_refuses():
+    from stgcli.convert import PROMPT_7B
+
+    asked = PROMPT_7B["suffix"].split("from A to B seconds", 1)[1]
+    assert not asked.startswith(".")  # a model copying "seconds." would never parse
 
 
 def test_snap_span_extends_halfway_to_outside_neighbours():

@@ -159,3 +159,11 @@ def test_span_is_bounded_by_the_window_not_by_the_samples(model):
     t = prep["sampled"].times_s[0]
     res = _finish(model, prep, EXAMPLE, f"from {t:.1f} to {t:.1f} seconds")
     assert (res.span.start_frame, res.span.end_frame) == (50, 100)
+
+
+def test_a_prompt_longer_than_the_model_positions_warns(model, monkeypatch):
+    from stgcli.pipeline import ground
+
+    monkeypatch.setattr(model.model.config.text_config, "max_position_embeddings", 100)
+    res = ground(EXAMPLE, "the red circle", model=model)
+    assert any("more than the 100 positions" in w and "fewer --frames" in w for w in res.warnings)

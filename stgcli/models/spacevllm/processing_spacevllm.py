@@ -44,7 +44,14 @@ class ProcessorSettings:
         return g * g
 
 
-_ANSWER_NUM = r"(\d+(?:\.\d+)?)"
+_ANSWER_NUM = r"([0-9]+(?:\.[0-9]+)?)"  # ASCII digits only: \d would take "١.٠" too
+
+
+def _join_numbers(text: str) -> str:
+    """'1 . 2' -> '1.2', '1 0' -> '10', runs of spaces -> one."""
+    norm = re.sub(r"\s*\.\s*(?=[0-9])", ".", text.strip())
+    norm = re.sub(r"(?<=[0-9]) (?=[0-9.])", "", norm)
+    return re.sub(r"\s+", " ", norm)
 
 
 class SpaceVLLMProcessor:
@@ -166,15 +173,14 @@ class SpaceVLLMProcessor:
         return ids, np.asarray(prior, dtype=np.float64)
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        """Answer text as a person writes it: a word tokenizer spells numbers one digit per token
+        ("from 1 . 2 to 4 . 8 seconds"), so digits and points are joined again."""
+        return _join_numbers(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def parse_answer(self, text: str, duration_s: float) -> tuple[float, float] | None:
         """Strict: the whole answer must match the template; start <= end, both inside the clip
         (a little slack for rounding). Anything else is no span, never an exception."""
-        norm = re.sub(r"\s*\.\s*(?=\d)", ".", text.strip())
-        norm = re.sub(r"(?<=\d) (?=[\d.])", "", norm)
-        norm = re.sub(r"\s+", " ", norm)
-        m = self._answer_re.fullmatch(norm)
+        m = self._answer_re.fullmatch(_join_numbers(text))
         if not m:
             return None
         try:
