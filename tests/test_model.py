@@ -377,6 +377,21 @@ def test_presence_bias_shifts_inference_scores_and_lengthens_spans(small):
     assert best_len(torch.full_like(p0, 0.9)) == times[-1]  # everything likely: the whole clip
 
 
+def test_patch_geometry_when_patches_do_not_tile_the_input():
+    """SigLIP/14 at 384 px: 27 patches cover 378 px. Patch k's centre is pixel 14k + 7, and the
+    pixel a box centre sits on picks its patch (both were scaled as if 27 patches spanned 384)."""
+    from stgcli.models.spacevllm.modeling_spacevllm import _centre_patch, _patch_centres
+
+    cover = 27 * 14 / 384
+    centres = _patch_centres(27, "cpu", torch.float64, cover) * 384
+    assert centres[:27, 0].tolist() == pytest.approx([14 * k + 7 for k in range(27)])
+    for px, k in ((5.0, 0), (370.0, 26), (377.9, 26), (383.0, 26), (14.2, 1)):
+        box = torch.tensor([[px - 3, px - 3, px + 3, px + 3]], dtype=torch.float64) / 384
+        assert _centre_patch(box, 27, cover).item() == k * 27 + k
+    tiny = _patch_centres(8, "cpu", torch.float64)  # 128 / 16: the grid tiles the input exactly
+    assert tiny[:8, 0].tolist() == pytest.approx([(k + 0.5) / 8 for k in range(8)])
+
+
 def test_centre_patch_indexes_the_grid_row_major():
     from stgcli.models.spacevllm.modeling_spacevllm import _centre_patch
 

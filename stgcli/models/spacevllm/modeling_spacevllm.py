@@ -58,6 +58,8 @@ class SpaceDecoder(nn.Module):
         d = config.decoder_hidden_size
         grid = config.vision_config.image_size // config.vision_config.patch_size
         self.grid = grid
+        # the share of the input the patches cover: 1 for 128/16, 378/384 for SigLIP/14 at 384 px
+        self.cover = grid * config.vision_config.patch_size / config.vision_config.image_size
         self.window = config.point_window
         self.visual_proj = nn.Linear(d_llm, d)
         self.text_proj = nn.Linear(d_llm, d)
@@ -106,10 +108,10 @@ class SpaceDecoder(nn.Module):
         logits = torch.einsum("nd,npd->np", self.point_q(q), self.point_k(v)) / math.sqrt(q.shape[-1])
         attn = logits.softmax(-1)
         centre_attn = attn if self.training or self.window < 0 else _local_softmax(logits, self.grid, self.window)
-        centre = centre_attn @ _patch_centres(self.grid, attn.device, attn.dtype)
+        centre = centre_attn @ _patch_centres(self.grid, attn.device, attn.dtype, self.cover)
         pointed = torch.einsum("np,npd->nd", attn, v)
         out = self.box_head(torch.cat([q, pointed], -1))
-        cxcy = (centre + torch.tanh(out[:, :2]) / self.grid).clamp(0, 1)
+        cxcy = (centre + torch.tanh(out[:, :2]) * self.cover / self.grid).clamp(0, 1)
         wh = out[:, 2:].sigmoid()
         presence = self.presence_head(query_h).squeeze(-1) + self.match_scale(
             logits.max(-1, keepdim=True).values).squeeze(-1)
@@ -124,12 +126,13 @@ def _temporal_change(patches: torch.Tensor) -> torch.Tensor:
     return nxt - prev
 
 
-def _patch_centres(grid: int, device, dtype) -> torch.Tensor:
-    """Normalised (x, y) centres of the patch grid, row-major like the vision tower's tokens.
+def _patch_centres(grid: int, device, dtype, cover: float = 1.0) -> torch.Tensor:
+    """Normalised (x, y) centres of the patch grid, row-major like the vision tower's tokens;
+    `cover` is the share of the input the grid spans (patches that do not tile it leave a margin).
     Computed, not a buffer: a non-persistent buffer is not restored by from_pretrained's
     meta-device loading."""
     ys, xs = torch.meshgrid(torch.arange(grid, device=device), torch.arange(grid, device=device), indexing="ij")
-    return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).to(dtype)
+    return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).mul(cover).to(dtype)
 
 
 def _local_softmax(logits: torch.Tensor, grid: int, radius: int) -> torch.Tensor:
@@ -141,10 +144,11 @@ def _local_softmax(logits: torch.Tensor, grid: int, radius: int) -> torch.Tensor
     return logits.masked_fill(~near, float("-inf")).softmax(-1)
 
 
-def _centre_patch(xyxy: torch.Tensor, grid: int) -> torch.Tensor:
-    """Row-major index of the patch holding each normalised xyxy box's centre."""
-    cx = ((xyxy[:, 0] + xyxy[:, 2]) / 2 * grid).long().clamp(0, grid - 1)
-    cy = ((xyxy[:, 1] + xyxy[:, 3]) / 2 * grid).long().clamp(0, grid - 1)
+def _centre_patch(xyxy: torch.Tensor, grid: int, cover: float = 1.0) -> torch.Tensor:
+    """Row-major index of the patch holding each normalised xyxy box's centre (`cover` as in
+    _patch_centres)."""
+    cx = ((xyxy[:, 0] + xyxy[:, 2]) / 2 / cover * grid).long().clamp(0, grid - 1)
+    cy = ((xyxy[:, 1] + xyxy[:, 3]) / 2 / cover * grid).long().clamp(0, grid - 1)
     return cy * grid + cx
 
 
@@ -256,7 +260,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             result.loss = (self.config.lm_weight * lm_loss + box_loss
                            + self.config.presence_weight * pres_loss)
             if self.config.point_weight and box_sel.any():
-                target = _centre_patch(gt_boxes[box_sel].float(), self.space_decoder.grid)
+                target = _centre_patch(gt_boxes[box_sel].float(), self.space_decoder.grid, self.space_decoder.cover)
                 result.point_loss = F.cross_entropy(point_logits.view(b, f, -1)[box_sel].float(), target)
                 result.loss = result.loss + self.config.point_weight * result.point_loss
             if self.config.attr_weight and patch_labels is not None:
