@@ -387,14 +387,17 @@ def _declared_seconds(container, stream) -> float | None:
     """Video duration the container claims (to spot truncation), or None if it doesn't say."""
     if stream.duration and stream.time_base:
         return float(stream.duration * stream.time_base)
+    # Matroska's DURATION tag and FFmpeg's container duration run from time 0, not from the first
+    # frame: a file whose clock starts late (remuxed from MPEG-TS) would look truncated otherwise.
+    start = float(stream.start_time * stream.time_base) if stream.start_time and stream.time_base else 0.0
     tag = stream.metadata.get("DURATION")  # Matroska: "00:00:04.000000000"
     try:
         h, m, s = tag.split(":")
-        return int(h) * 3600 + int(m) * 60 + float(s)
+        return max(0.0, int(h) * 3600 + int(m) * 60 + float(s) - start)
     except (AttributeError, ValueError):
         pass
     if container.duration and len(container.streams) == 1:
-        return container.duration / 1_000_000
+        return max(0.0, container.duration / 1_000_000 - (container.start_time or 0) / 1_000_000)
     return None
 
 

@@ -405,3 +405,16 @@ def test_one_sample_finds_a_tail_that_does_not_decode(tmp_path):
     one, many = video.sample_frames(bad, 1), video.sample_frames(bad, 16)
     assert one.info.num_frames == many.info.num_frames < 60
     assert any("truncated" in w for w in one.warnings)
+
+
+def test_a_clock_that_starts_late_is_not_called_truncated(tmp_path):
+    """MKV remuxed from MPEG-TS keeps a clock starting at ~10 s; its DURATION tag counts from 0."""
+    from fractions import Fraction
+
+    from tests import videogen as vg
+
+    path = vg.write_video(tmp_path / "late.mkv", vg.painted_frames(40, 128, 96), 25,
+                          pts=[10000 + 40 * k for k in range(40)], time_base=Fraction(1, 1000))
+    s = video.sample_frames(path, 8)
+    assert s.info.num_frames == 40 and s.warnings == []
+    assert codes(s.frames) == s.indices.tolist()
