@@ -370,7 +370,9 @@ def _is_vfr(pts: np.ndarray) -> bool:
         return False
     d = np.diff(pts).astype(np.float64)
     med = float(np.median(d))
-    return bool(np.abs(d - med).max() > max(1.0, 0.1 * med))
+    # Rounding is worth up to one tick, but never half a step: with a 1/fps clock (AVI, some MP4)
+    # a step of 2 ticks is a dropped frame, and every later time must come from the pts.
+    return bool(np.abs(d - med).max() > min(max(1.0, 0.1 * med), 0.5 * med))
 
 
 def _fps(stream, pts: np.ndarray, tb: Fraction) -> float:

@@ -418,3 +418,17 @@ def test_a_clock_that_starts_late_is_not_called_truncated(tmp_path):
     s = video.sample_frames(path, 8)
     assert s.info.num_frames == 40 and s.warnings == []
     assert codes(s.frames) == s.indices.tolist()
+
+
+def test_a_dropped_frame_under_a_one_tick_per_frame_clock_is_seen(tmp_path):
+    """AVI's clock is 1/fps: a drop is a 2-tick step, which the rounding tolerance (1 tick) hid, so
+    every later frame was timed one frame early."""
+    from fractions import Fraction
+
+    from tests import videogen as vg
+
+    pts = list(range(10)) + list(range(11, 21))
+    path = vg.write_video(tmp_path / "drop.avi", vg.painted_frames(20, 128, 96), 25, codec="mjpeg",
+                          pix_fmt="yuvj420p", pts=pts, time_base=Fraction(1, 25))
+    s = video.sample_frames(path, 20)
+    assert s.info.vfr and s.times_s[10:] == pytest.approx([(p) / 25 for p in pts[10:]])
