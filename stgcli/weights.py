@@ -679,8 +679,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     except (OSError, ValueError, KeyError, TypeError, StrictDataclassError) as e:
         raise ModelError(f"{directory}: cannot read config.json ({e})") from e
     n_frames = frames or (entry.default_frames if entry else int(getattr(config, "num_frames", 16)))
-    if device == "cpu":
-        _check_cpu_memory(config, quant, n_frames)
+    if device == "cpu":  # the weights only: --frames is what was asked, a short clip samples fewer
+        _check_cpu_memory(config, quant, 1)
     try:
         with cuda_oom_guard(config, quant, n_frames, device):
             model, info = SpaceVLLMForConditionalGeneration.from_pretrained(

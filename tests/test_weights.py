@@ -735,6 +735,10 @@ def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypat
     monkeypatch.setattr(w, "available_ram_gib", lambda: 0.1)
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
     assert_one_line_error(code, err, "not enough memory", "0.1 GiB is available", "--quant 4bit")
+    monkeypatch.setattr(w, "available_ram_gib", lambda: 2.0)  # --frames is a request: the weights decide
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu",
+                       "--frames", "100000")
+    assert code == 0, err
     monkeypatch.setattr(w, "available_ram_gib", lambda: None)  # unknown (not Linux): no guess, it loads
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
     assert code == 0, err
