@@ -241,6 +241,15 @@ def verify(entry: ModelEntry, directory: Path) -> str:
     if not digests:
         raise ModelError(f"model '{entry.name}': no sha256 digests to check {directory} against "
                          f"(none in weights.toml and no {MANIFEST}); refusing to load unverified weights")
+    for index in directory.glob("*.index.json"):  # every shard the index names must be there
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise ModelError(f"{index}: not a readable weights index; re-fetch or rebuild model '{entry.name}'") from None
+        absent = sorted(str(n) for n in shards if not (directory / str(n)).is_file())
+        if absent:
+            raise ModelError(f"{directory / absent[0]}: named by {index.name} but missing ({len(absent)} shard(s)); "
+                             f"{_get_hint(entry)}")
     loadable = sorted(f.name for f in directory.iterdir() if f.is_file() and _LOADED.fullmatch(f.name))
     unpinned = [f for f in loadable if f not in digests]
     if unpinned:  # a file stg would read without checking it could change the model's answers

@@ -745,3 +745,14 @@ def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypat
     from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
 
     assert w.estimate_memory_gib(spacevllm_7b_config(), "none", 64) * 2 > 25  # the 7B in fp32
+
+
+def test_a_shard_the_index_names_must_be_there(converted, tmp_path):
+    from stgcli.weights import verify
+
+    d = tmp_path / "build"
+    shutil.copytree(converted, d)
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(ModelError, match=f"{shard.name}: named by model.safetensors.index.json but missing"):
+        verify(ModelEntry(name="x", source=str(d)), d)
