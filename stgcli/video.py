@@ -376,13 +376,15 @@ def _is_vfr(pts: np.ndarray) -> bool:
 
 
 def _fps(stream, pts: np.ndarray, tb: Fraction) -> float:
-    """Nominal frame rate of a constant-rate stream: average rate, guessed rate, pts steps."""
-    for rate in (stream.average_rate, stream.guessed_rate, stream.base_rate):
-        if rate and 0 < float(rate) < 10_000:
-            return float(rate)
+    """Nominal frame rate of a constant-rate stream: the frames' own spacing, given as the
+    container's exact rate when that agrees within 1%. The container's average rate alone is
+    frames / track duration, which a last frame held for seconds (a slideshow) makes 3x too low."""
+    rates = [float(r) for r in (stream.average_rate, stream.guessed_rate, stream.base_rate)
+             if r and 0 < float(r) < 10_000]
     if len(pts) >= 2 and pts[-1] > pts[0]:
-        return (len(pts) - 1) / (float(pts[-1] - pts[0]) * float(tb))
-    return 25.0  # a single frame with no rate: any value gives time 0 for frame 0
+        measured = (len(pts) - 1) / (float(pts[-1] - pts[0]) * float(tb))
+        return next((r for r in rates if abs(r - measured) <= 0.01 * measured), measured)
+    return rates[0] if rates else 25.0  # a single frame with no rate: any value gives time 0 for frame 0
 
 
 def _declared_seconds(container, stream) -> float | None:

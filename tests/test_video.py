@@ -432,3 +432,28 @@ def test_a_dropped_frame_under_a_one_tick_per_frame_clock_is_seen(tmp_path):
                           pix_fmt="yuvj420p", pts=pts, time_base=Fraction(1, 25))
     s = video.sample_frames(path, 20)
     assert s.info.vfr and s.times_s[10:] == pytest.approx([(p) / 25 for p in pts[10:]])
+
+
+def test_a_last_frame_held_for_seconds_keeps_the_frame_rate(tmp_path):
+    """Slideshows and screen recordings hold the last frame: the container's average rate (frames /
+    track duration) then reads 10 fps for a 30 fps clip, and every time came out 3x too large."""
+    import av
+
+    from tests import videogen as vg
+
+    path = tmp_path / "held.mp4"
+    with av.open(str(path), "w") as out:
+        st = out.add_stream("libx264", rate=30, options={"g": "12", "bf": "0"})
+        st.width, st.height, st.pix_fmt = 128, 96, "yuv420p"
+        packets = []
+        for img in vg.painted_frames(30, 128, 96):
+            packets += st.encode(av.VideoFrame.from_ndarray(img, format="rgb24"))
+        packets += st.encode()
+        last = max(packets, key=lambda p: p.pts)
+        last.duration = int(2 / float(last.time_base))  # the last frame shows for 2 s
+        for p in packets:
+            out.mux(p)
+    with av.open(str(path)) as c:
+        assert float(c.streams.video[0].average_rate) < 15  # what the container says
+    s = video.sample_frames(path, 30)
+    assert s.info.fps == pytest.approx(30.0) and s.times_s[-1] == pytest.approx(29 / 30)
