@@ -245,7 +245,8 @@ def verify(entry: ModelEntry, directory: Path) -> str:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            raise ModelError(f"{index}: not a readable weights index; re-fetch or rebuild model '{entry.name}'") from None
+            raise ModelError(f"{index}: not a readable weights index; re-fetch or rebuild model "
+                             f"'{entry.name}'") from None
         absent = sorted(str(n) for n in shards if not (directory / str(n)).is_file())
         if absent:
             raise ModelError(f"{directory / absent[0]}: named by {index.name} but missing ({len(absent)} shard(s)); "
