@@ -177,7 +177,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
 
     `model` is a `load_model()` result, a registry name or a model directory (default: the
     built-in model). Warnings (unknown words, truncated file) are in `result.warnings`.
-    `span_decoding` applies when `model` is not already loaded (see `run_model`).
+    `device`, `quant`, `allow_pickle` and `span_decoding` apply only when `model` is not already
+    loaded: a `load_model()` result keeps the settings it was loaded with (see `run_model`).
     """
     from .weights import LoadedModel, load_model
 
