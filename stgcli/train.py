@@ -290,16 +290,15 @@ def _fixed_settings(cfg: TrainConfig) -> dict:
 def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: list[dict],
                     config: dict | None = None) -> Path:
     """Write model + processor (a complete model directory) and the optimizer state; swap atomically."""
-    import torch
-
     import shutil
+
+    import torch
 
     ckpt = out_dir / "checkpoint"
     tmp = out_dir / "checkpoint.tmp"
     old = out_dir / "checkpoint.old"
-    for leftover in (tmp, old):  # what a crash mid-swap leaves (a valid .old is only needed while ckpt is absent)
-        if leftover.exists() and (leftover is tmp or ckpt.exists()):
-            shutil.rmtree(leftover)
+    if tmp.exists():  # a crash while writing left it
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp, safe_serialization=True)
     processor.save_pretrained(tmp)
     # The optimizer state is ours (not a user's download), written and read by this code only.
@@ -307,15 +306,12 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     state = {"step": step, "log": log, **({"config": config} if config is not None else {})}
     (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
     if ckpt.exists():
-        if old.exists():
+        if old.exists():  # stale beside a good checkpoint (a crash after the swap, before its cleanup)
             shutil.rmtree(old)
         ckpt.rename(old)
-        tmp.rename(ckpt)
+    tmp.rename(ckpt)
+    if old.exists():  # without a checkpoint, .old was the valid one (a crash mid-swap) until now
         shutil.rmtree(old)
-    else:
-        tmp.rename(ckpt)
-        if old.exists():
-            shutil.rmtree(old)
     return ckpt
 
 
