@@ -845,19 +845,27 @@ def read_jsonl_lines(path: str | os.PathLike[str]) -> tuple[list[tuple[int, Any]
     was skipped). Only what an interrupted append leaves counts as torn; a finished line of other
     text, last or not, raises `ResultError` naming it (as `JsonlWriter` refuses such a file)."""
     p = Path(path)
-    records: list[tuple[int, Any]] = []
-    pending_bad: _Line | None = None
     with open(p, "rb") as f:
-        for line in _scan_lines(f):
-            if pending_bad is not None:
-                raise _not_jsonl(p, pending_bad.lineno)
-            if line.doc is None:
-                pending_bad = line
-                continue
-            records.append((line.lineno, line.doc))
-    if pending_bad is not None and not pending_bad.torn:
-        raise _not_jsonl(p, pending_bad.lineno)
-    return records, pending_bad is not None
+        lines, bad = _record_lines(f, p, _not_jsonl)
+    if bad is not None and not bad.torn:
+        raise _not_jsonl(p, bad.lineno)
+    return [(line.lineno, line.doc) for line in lines], bad is not None
+
+
+def _record_lines(f: BinaryIO, path: Path, not_a_record) -> tuple[list[_Line], _Line | None]:
+    """(lines that parse, the last line when it does not parse). A line that does not parse before
+    the last raises `not_a_record(path, lineno)`; the last one is the caller's to judge (torn by an
+    interrupted append, or a finished line of other text)."""
+    lines: list[_Line] = []
+    pending: _Line | None = None
+    for line in _scan_lines(f):
+        if pending is not None:
+            raise not_a_record(path, pending.lineno)
+        if line.doc is None:
+            pending = line
+        else:
+            lines.append(line)
+    return lines, pending
 
 
 def _not_jsonl(path: Path, lineno: int) -> ResultError:
@@ -918,24 +926,18 @@ class JsonlWriter:
 
     def _recover(self) -> None:
         assert self._fd is not None
-        last: _Line | None = None
-        pending_bad: _Line | None = None
         keys: dict[tuple[str, str], bool] = {}
         with open(self.path, "rb") as f:
-            for line in _scan_lines(f):
-                if pending_bad is not None:
-                    raise _corrupt(self.path, pending_bad.lineno)
-                if line.doc is None:
-                    pending_bad = line
-                    continue
-                try:
-                    keys[_record_key(line.doc)] = bool(line.doc.get("error"))
-                except (KeyError, TypeError, AttributeError) as e:
-                    raise ResultError(
-                        f"{self.path}: line {line.lineno} is not a {SCHEMA_ID} record "
-                        "(no video.path/query)"
-                    ) from e
-                last = line
+            lines, pending_bad = _record_lines(f, self.path, _corrupt)
+        for line in lines:
+            try:
+                keys[_record_key(line.doc)] = bool(line.doc.get("error"))
+            except (KeyError, TypeError, AttributeError) as e:
+                raise ResultError(
+                    f"{self.path}: line {line.lineno} is not a {SCHEMA_ID} record "
+                    "(no video.path/query)"
+                ) from e
+        last = lines[-1] if lines else None
         if pending_bad is not None and not pending_bad.torn:
             # Each record is written whole, newline last: a crash leaves a cut line (or, after a power
             # loss, NULs). A finished line of other text was never ours; cutting it would lose data.
