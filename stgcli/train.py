@@ -35,6 +35,8 @@ class TrainConfig:
     max_frames: int = 24
     decode_frames: int = 0          # in-span frames per clip with a box loss each step; 0: all
     vary_frames_prob: float = 0.3
+    short_prob: float = 0.0         # share of batches of short clips: many scenes, few frames each
+    short_frames: int = 4           # frames per clip in those; as many clips as keep the batch's frame count
     native_fraction: float = 0.3    # clips drawn at their own size then resized like the processor
     jpeg_prob: float = 0.5          # compression artefacts, standing in for H.264
     blur_prob: float = 0.2
@@ -85,13 +87,14 @@ class TrainConfig:
             raise UserError(f"{where}: model must be a table of model config overrides")
         rules = [("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
                  ("log_every", self.log_every >= 1), ("checkpoint_every", self.checkpoint_every >= 1),
-                 ("num_frames", self.num_frames >= 1), ("warmup_steps", self.warmup_steps >= 0),
+                 ("num_frames", self.num_frames >= 1), ("short_frames", self.short_frames >= 1),
+                 ("warmup_steps", self.warmup_steps >= 0),
                  ("min_frames", 1 <= self.min_frames <= self.max_frames), ("decode_frames", self.decode_frames >= 0),
                  ("threads", self.threads >= 0), ("data_workers", self.data_workers >= 0),
                  ("max_minutes", self.max_minutes >= 0), ("weight_decay", self.weight_decay >= 0),
                  ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
-                                                             "blur_prob", "twin_prob", "shared_prob")]
+                                                             "blur_prob", "twin_prob", "shared_prob", "short_prob")]
         for name, ok in rules:
             if not ok:
                 extra = f" (max_frames is {self.max_frames})" if name == "min_frames" else ""
@@ -182,9 +185,12 @@ def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainCo
 
     from .synth import render_frame, sample_clip
 
-    spec = sample_clip(rng, twin_prob=cfg.twin_prob, shared_prob=cfg.shared_prob)
-    idx = np.unique(np.linspace(0, spec.num_frames - 1, n_frames).round().astype(int))
-    times = idx / spec.fps
+    while True:  # with few frames, none may fall inside the target's span: draw another clip
+        spec = sample_clip(rng, twin_prob=cfg.twin_prob, shared_prob=cfg.shared_prob)
+        idx = np.unique(np.linspace(0, spec.num_frames - 1, n_frames).round().astype(int))
+        times = idx / spec.fps
+        if any(spec.objects[spec.target].visible(t) for t in times):
+            break
     s = processor.settings.image_size
     if rng.random() < cfg.native_fraction:
         interp = [cv2.INTER_AREA, cv2.INTER_LINEAR, cv2.INTER_CUBIC][int(rng.integers(3))]
@@ -234,10 +240,16 @@ def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
     import torch
 
     rng = np.random.default_rng([cfg.seed, step])
-    n_frames = cfg.num_frames
-    if rng.random() < cfg.vary_frames_prob:
+    n_frames, batch_size = cfg.num_frames, cfg.batch_size
+    # Short clips teach what is in a frame (colour, shape, where) from many more scenes for the same
+    # compute; neighbouring frames of one clip teach nearly the same thing. No draw when off, so a
+    # config without them keeps its data stream.
+    if cfg.short_prob and rng.random() < cfg.short_prob:
+        n_frames = cfg.short_frames
+        batch_size = max(1, cfg.batch_size * cfg.num_frames // cfg.short_frames)
+    elif rng.random() < cfg.vary_frames_prob:
         n_frames = int(rng.integers(cfg.min_frames, cfg.max_frames + 1))
-    samples = [draw_sample(rng, processor, n_frames, cfg) for _ in range(cfg.batch_size)]
+    samples = [draw_sample(rng, processor, n_frames, cfg) for _ in range(batch_size)]
     # Clips shorter than n_frames frames sample fewer; keep the batch rectangular.
     f = min(len(s["times"]) for s in samples)
     if any(len(s["times"]) != f for s in samples):

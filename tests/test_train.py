@@ -28,6 +28,24 @@ def test_batches_are_a_function_of_seed_and_step():
     assert float(a["gt_boxes"].min()) >= 0 and float(a["gt_boxes"].max()) <= 1
 
 
+def test_short_clip_batches():
+    """short_prob: some batches hold many short clips (same frames per batch); each clip still has
+    a sampled frame inside its span (a clip where none falls inside is drawn again); off by default
+    without touching the data stream of a config that does not use it."""
+    cfg = small_cfg(batch_size=3, num_frames=8, min_frames=8, max_frames=8, short_prob=1.0, short_frames=2)
+    _, proc = new_tiny_model(cfg, 0)
+    for step in range(6):
+        b = make_batch(cfg, proc, step)
+        assert b["pixel_values_videos"].shape[:2] == (12, 2)  # 3 clips x 8 frames = 12 clips x 2 frames
+        assert bool(b["gt_in_span"].any(1).all())
+    mixed = small_cfg(short_prob=0.5, short_frames=2)
+    shapes = {make_batch(mixed, proc, k)["pixel_values_videos"].shape[:2] for k in range(12)}
+    assert (6, 2) in shapes and any(f != 2 for _, f in shapes)  # both kinds of batch occur
+    plain, off = make_batch(small_cfg(), proc, 2), make_batch(small_cfg(short_prob=0.0, short_frames=3), proc, 2)
+    for k in plain:
+        assert torch.equal(plain[k], off[k]), k
+
+
 def test_resume_matches_uninterrupted_run(tmp_path):
     straight = small_cfg(out_dir=str(tmp_path / "a"), steps=4)
     train(straight, progress=False)
@@ -66,6 +84,8 @@ def test_config_errors(tmp_path):
     ("[train]\nsteps = -5\n", "steps = -5 is out of range"),
     ("[train]\nmin_frames = 8\nmax_frames = 4\n", "min_frames = 8 is out of range (max_frames is 4)"),
     ("[train]\njpeg_prob = 2.0\n", "jpeg_prob = 2.0 is out of range"),
+    ("[train]\nshort_prob = 1.5\n", "short_prob = 1.5 is out of range"),
+    ("[train]\nshort_frames = 0\n", "short_frames = 0 is out of range"),
     ("train = 5\n", "train must be a table"),
     ("steps = 5\n[train]\nseed = 1\n", "steps outside [train]"),
     ("[train]\nseed = 1\n[model]\nfoo = 1\n", "model outside [train]"),
