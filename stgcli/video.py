@@ -292,6 +292,7 @@ class _Packets:
     keys: list[bool] = field(default_factory=list)
     demux_error: bool = False
     missing_ts: bool = False
+    discarded: int = 0  # packets the container marks as not shown (an edit list): its frame count is off
 
 
 def _demux_packets(container, stream) -> _Packets:
@@ -301,6 +302,8 @@ def _demux_packets(container, stream) -> _Packets:
     out = _Packets()
     try:
         for pkt in container.demux(stream):
+            if pkt.is_discard and pkt.size:
+                out.discarded += 1
             if not pkt.size or pkt.is_discard or pkt.is_corrupt:
                 continue
             ts = pkt.pts if pkt.pts is not None else pkt.dts
@@ -339,6 +342,28 @@ def _verify_tail(container, stream, pts: np.ndarray, keys: np.ndarray):
         if got:
             return np.concatenate([pts[:k], np.asarray(got, np.int64)]), sample
     return None, None
+
+
+def _dead_head(container, stream, pts: np.ndarray, keys: np.ndarray) -> int:
+    """How many of the first frames (in presentation order) never decode.
+
+    A file cut between keyframes (a stream copy of a recording that started mid-GOP) begins with
+    packets whose reference pictures are not in it: no decoder outputs them, so they are not
+    frames of the decoded video. Decoding from the head shows the first frame that is.
+    """
+    import av
+
+    for start in (int(pts[0]), int(pts[keys[0]]) if len(keys) else None):
+        if start is None:
+            break
+        try:  # MP4 cannot seek to a pts with no keyframe at or before it: then from the first keyframe
+            frame = next(iter(_decode(container, stream, start)), None)
+        except av.FFmpegError:
+            continue
+        key = _frame_key(frame) if frame is not None else None
+        i = int(np.searchsorted(pts, key)) if key is not None else 0
+        return i if i < len(pts) and pts[i] == key else 0  # a pts the demuxer never showed: trust nothing
+    return 0
 
 
 def _monotonic(keys: list) -> bool:
@@ -427,7 +452,11 @@ def _scan(path: str | os.PathLike, verify_tail: bool = True) -> _Scan:
         good, frame, counted = None, None, False
         # Not AVI: its packet "pts" are decode-order counters when B-frames exist, which only the
         # tail check (_verify_tail's order test) catches.
-        if usable and _format_name(container) in _SEEKABLE - {"avi"} and not pk.demux_error and not verify_tail:
+        seekable = usable and _format_name(container) in _SEEKABLE - {"avi"}
+        if seekable and not pk.keys[0]:  # starts mid-GOP: the leading frames may not decode
+            dead = _dead_head(container, stream, pts, keys)
+            pts, keys = pts[dead:], keys[keys >= dead] - dead
+        if seekable and not pk.demux_error and not verify_tail:
             try:
                 frame = next(iter(_decode(container, stream, int(pts[0]))), None)  # for the rotation
             except av.FFmpegError:  # no keyframe to seek to (a file cut mid-GOP): the careful path
@@ -464,7 +493,7 @@ def _build_scan(path, container, stream, pk: _Packets, pts, keys, counted, frame
         w, h = h, w
     codec = stream.codec_context.name
     fmt = _format_name(container)
-    warnings = _truncation_warnings(path, container, stream, pk, n, duration, fps)
+    warnings = _truncation_warnings(path, container, stream, pk, n, duration, fps, None if counted else pts[0])
     reordered = bool(len(pk.pts) > 1 and np.any(np.diff(np.asarray(pk.pts)) < 0))
     info = VideoInfo(str(path), fps, int(w), int(h), n, float(duration), rotation, vfr,
                      bool(container.streams.audio), "pyav", 0.0 if counted else float(pts[0] * tb))
@@ -474,15 +503,23 @@ def _build_scan(path, container, stream, pk: _Packets, pts, keys, counted, frame
 
 
 def _truncation_warnings(path, container, stream, pk: _Packets, n: int, duration: float,
-                         fps: float) -> list[str]:
-    """Say so when fewer frames decode than the file declares: results cover only that part."""
+                         fps: float, first_pts: int | None) -> list[str]:
+    """Say so when fewer frames decode than the file declares: results cover only that part.
+    Leading packets that never decode (a file cut between keyframes) get their own note."""
+    warnings = []
+    dead = int(np.sum(np.asarray(pk.pts, np.int64) < first_pts)) if first_pts is not None else 0
+    if dead:
+        warnings.append(f"{path}: the first {dead} frames do not decode (the file starts between keyframes, "
+                        "as a cut stream copy does); frames are counted from the first that does")
     declared = _declared_seconds(container, stream)
+    if declared is not None:
+        declared -= dead / fps
     short = declared is not None and declared - duration > max(3.0 / fps, 0.02 * declared)
-    if not (short or pk.demux_error or n < len(pk.pts) or (stream.frames or 0) > n):
-        return []
-    what = f"{duration:.2f}s" + (f" of the declared {declared:.2f}s" if short else "")
-    return [f"{path}: video looks truncated or corrupt; only {n} frames ({what}) decode; "
-            "grounding on the part that decodes"]
+    if short or pk.demux_error or n < len(pk.pts) - dead or (stream.frames or 0) - dead > n and not pk.discarded:
+        what = f"{duration:.2f}s" + (f" of the declared {declared:.2f}s" if short else "")
+        warnings.append(f"{path}: video looks truncated or corrupt; only {n} frames ({what}) decode; "
+                        "grounding on the part that decodes")
+    return warnings
 
 
 # --------------------------------------------------------------------------- public API

@@ -457,3 +457,65 @@ def test_a_last_frame_held_for_seconds_keeps_the_frame_rate(tmp_path):
         assert float(c.streams.video[0].average_rate) < 15  # what the container says
     s = video.sample_frames(path, 30)
     assert s.info.fps == pytest.approx(30.0) and s.times_s[-1] == pytest.approx(29 / 30)
+
+
+def _cut_head(src, dst, skip: int):
+    """A stream copy of `src` without its first `skip` packets: what remuxing a recording that
+    started between keyframes gives."""
+    import av
+    with av.open(str(src)) as c, av.open(str(dst), "w") as out:
+        s = c.streams.video[0]
+        o = out.add_stream_from_template(s)
+        packets = [p for p in c.demux(s) if p.dts is not None]
+        for p in packets[skip:]:
+            p.stream = o
+            out.mux(p)
+    return dst
+
+
+@pytest.mark.parametrize("ext", ["mkv", "mp4"])
+def test_a_file_cut_between_keyframes_counts_from_its_first_decodable_frame(tmp_path, ext):
+    """The leading packets of a file cut mid-GOP never decode: they are not frames of the decoded
+    video. They were counted as frames 0..k-1, so every index was k too high, one sample per run
+    "did not decode", and the pts gap they left made the clip look VFR. Now: indices count from the
+    first frame that decodes, the rate is the true one, and a warning says what happened."""
+    from tests import videogen as vg
+    src = vg.write_video(tmp_path / "src.mkv", vg.painted_frames(72, 160, 120), 25,
+                         options={"g": "12", "bf": "2"})
+    cut = _cut_head(src, tmp_path / f"cut.{ext}", 5)
+    full = [read_code(f) for _, _, f in video.iter_frames(src)]
+    first = full.index(12)  # the second keyframe: nothing before it in the cut file decodes
+    for kw in ({}, {"end_s": 1.2}, {"backend": "pyav"}):
+        s = video.sample_frames(cut, 8, **kw)
+        assert s.info.num_frames == 72 - first and not s.info.vfr and s.info.fps == pytest.approx(25)
+        assert [c - first for c in codes(s.frames)] == s.indices.tolist(), kw
+        assert s.indices[0] == 0
+        assert s.warnings == [f"{cut}: the first 5 frames do not decode (the file starts between keyframes, "
+                              "as a cut stream copy does); frames are counted from the first that does"]
+    assert video.probe(cut).num_frames == 72 - first
+    assert [read_code(f) - first for _, _, f in video.iter_frames(cut)] == list(range(72 - first))
+
+
+def test_an_edit_list_is_not_called_truncated(tmp_path):
+    """An MP4 whose edit list hides its first samples (a stream-copy trim): the frames it shows
+    decode, and the container's sample count (which includes the hidden ones) is no truncation."""
+    import av
+    from tests import videogen as vg
+    src = vg.write_video(tmp_path / "src.mp4", vg.painted_frames(60, 160, 120), 25, options={"g": "12", "bf": "2"})
+    dst = tmp_path / "edit.mp4"
+    with av.open(str(src)) as c, av.open(str(dst), "w") as out:
+        s = c.streams.video[0]
+        o = out.add_stream_from_template(s)
+        tick = int(round(1 / (25 * s.time_base)))
+        for p in c.demux(s):
+            if p.dts is None or (p.pts < 12 * tick and p.dts < 8 * tick):
+                continue
+            p.pts -= 16 * tick
+            p.dts -= 16 * tick
+            p.stream = o
+            out.mux(p)
+    with av.open(str(dst)) as c:
+        assert any(p.is_discard for p in c.demux(video=0) if p.size)  # the file has hidden samples
+    s = video.sample_frames(dst, 8)
+    assert codes(s.frames) == [i + 16 for i in s.indices.tolist()]
+    assert s.warnings == []
