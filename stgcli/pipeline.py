@@ -141,7 +141,7 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
     span = track = None
     parsed = loaded.processor.parse_answer(text, duration)
     if parsed is not None:
-        lo, hi = loaded.processor.snap_span(parsed[0], parsed[1], times, duration)
+        lo, hi = loaded.processor.snap_answer(parsed[0], parsed[1], times, duration)
         a, b = _span_frames(lo, hi, sampled)
         px = loaded.processor.boxes_to_pixels(boxes, info.width, info.height)
         inside = [(int(f), float(t), px[i].tolist(), float(scores[i]))

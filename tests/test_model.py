@@ -182,6 +182,22 @@ def test_snap_span_extends_halfway_to_outside_neighbours():
     assert SpaceVLLMProcessor.snap_span(1.1, 2.9, times, 4.5) == (0.5, 3.5)   # snapped to sampled frames
 
 
+def test_an_answer_names_every_frame_printed_as_its_times():
+    """20 sampled frames a second print two to a time at one decimal ("0.1" is 0.05, 0.10 and
+    0.15): "from 0.1 to 0.2" covers the first frame printed 0.1 to the last printed 0.2, not
+    the nearest frames to 0.1 and 0.2, which dropped a frame at each end."""
+    from stgcli.models.spacevllm.processing_spacevllm import build_word_tokenizer
+
+    proc = SpaceVLLMProcessor(build_word_tokenizer(["red"]), ProcessorSettings())
+    times = np.arange(20) / 20
+    assert [proc.format_time(t) for t in times[:6]] == ["0.0", "0.1", "0.1", "0.1", "0.2", "0.2"]
+    lo, hi = proc.snap_answer(0.1, 0.2, times, 1.0)
+    assert (lo, hi) == pytest.approx((0.025, 0.275))
+    assert SpaceVLLMProcessor.snap_span(0.1, 0.2, times, 1.0) == pytest.approx((0.075, 0.225))
+    # an answer between printed times (free text) snaps to the nearest frames, as before
+    assert proc.snap_answer(1.1, 2.9, [0.0, 1.0, 2.0, 3.0, 4.0], 4.5) == (0.5, 3.5)
+
+
 @pytest.mark.parametrize("size", [32, 48])
 def test_preprocess_frames_normalises_exactly(size):
     """The table lookup gives the per-pixel formula's float32 values bit for bit (SigLIP's and

@@ -201,7 +201,23 @@ class SpaceVLLMProcessor:
         times = np.asarray(times_s, dtype=np.float64)
         i = int(np.abs(times - start_s).argmin())
         j = int(np.abs(times - end_s).argmin())
-        i, j = min(i, j), max(i, j)
+        return SpaceVLLMProcessor._frames_span(min(i, j), max(i, j), times, duration_s)
+
+    def snap_answer(self, start_s: float, end_s: float, times_s, duration_s: float) -> tuple[float, float]:
+        """snap_span for an answer the model wrote. Above 10 sampled frames a second (at one
+        decimal), several frames print as the same time and the answer names all of them: the
+        span runs from the first frame printed as its start to the last printed as its end (the
+        nearest frame would drop the others)."""
+        printed = [self.format_time(float(t)) for t in times_s]
+        a, b = self.format_time(start_s), self.format_time(end_s)
+        if a in printed and b in printed:
+            i, j = printed.index(a), len(printed) - 1 - printed[::-1].index(b)
+            if i <= j:
+                return self._frames_span(i, j, np.asarray(times_s, dtype=np.float64), duration_s)
+        return self.snap_span(start_s, end_s, times_s, duration_s)
+
+    @staticmethod
+    def _frames_span(i: int, j: int, times: np.ndarray, duration_s: float) -> tuple[float, float]:
         lo = 0.0 if i == 0 else (times[i - 1] + times[i]) / 2
         hi = duration_s if j == len(times) - 1 else (times[j] + times[j + 1]) / 2
         return float(lo), float(hi)
