@@ -1,3 +1,4 @@
 from .cli import main
 
-main()
+if __name__ == "__main__":  # not in a batch decode process, which imports this as __mp_main__
+    main()

@@ -1,7 +1,8 @@
 """`stg batch`: many (video, query) pairs, one model load, append-only resumable JSONL.
 
-Clips run side by side in worker threads through a bounded window of futures, decoding ahead
-of the model, so the model rarely waits and memory stays flat however many videos there are.
+Clips are decoded ahead in worker processes through a bounded window, while the main thread
+runs the model on the oldest one, so the model rarely waits and memory stays flat however many
+videos there are.
 Each result line is written whole, flushed and fsynced before the next starts; a rerun skips
 pairs already in the output.
 """
@@ -12,10 +13,9 @@ import io
 import json
 import os
 import sys
-import threading
+import time
 from collections import deque
-from contextlib import contextmanager, nullcontext
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import NamedTuple
 
@@ -123,23 +123,130 @@ def _recorded_keys(recorded: set[tuple[str, str]], wanted: set[tuple[str, str]])
 
 
 def default_workers() -> int:
-    """One clip decoding ahead per core beyond the first, at most 4 (a window of a few clips is
-    enough to keep the model fed). On 2 cores, 1 and 2 were within this VM's noise of each
-    other in paired runs (benchmarks/RESULTS.md)."""
+    """One decoding process per core beyond the first (which runs the model), at most 4 (a window
+    of a few clips is enough to keep the model fed)."""
     return max(1, min(4, (os.cpu_count() or 1) - 1))
 
 
+def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | None, size: tuple[int, int]):
+    """Worker process: one clip's sampled frames and the seconds it took, or (None, (error type,
+    message)). Errors come back as text: an exception that does not pickle (some of FFmpeg's)
+    would break the whole pool."""
+    from .video import sample_frames
+
+    t0 = time.perf_counter()
+    try:
+        sampled = sample_frames(video, frames, start_s=start_s, end_s=end_s, size=size, threads=1)
+    except Exception as e:  # noqa: BLE001 - one bad file must not stop ten thousand others
+        return None, (type(e).__name__, str(e))
+    return sampled, time.perf_counter() - t0
+
+
+def _watch_parent(parent: int) -> None:
+    """Worker process: exit when the batch process is gone (a kill -9 leaves no one to shut the
+    pool down, and a worker waiting for work would wait forever)."""
+    import threading
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+class _Decoders:
+    """Clips decoded ahead in worker processes, results taken in submission order.
+
+    Processes, not threads: a decoder crash (FFmpeg segfaulting on a hostile file) in a thread
+    ends the whole batch, and a resume ends again at the same file. Here a dead worker fails only
+    its clip: when the pool breaks, the clips in flight are decoded again, the oldest alone in a
+    fresh pool, so the one that kills it is found and the others go on. On 2 cores the throughput
+    is that of the threads it replaced (benchmarks/RESULTS.md), with one model copy fewer in use
+    at a time, and no decoding holding the model's GIL.
+    """
+
+    def __init__(self, workers: int, args: tuple):
+        import multiprocessing
+
+        # fork where there is one (Linux): spawn would import the caller's main module again in
+        # every worker, and a script without an `if __name__ == "__main__"` guard would then run
+        # its batch there too. The workers only decode (PyAV, numpy), never torch, so the thread
+        # pools torch holds at fork time are never used in them (as with torch's DataLoader).
+        methods = multiprocessing.get_all_start_methods()
+        self.ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        self.workers, self.args = workers, args
+        self.pool = self._new_pool(workers)
+        self.window: deque = deque()
+
+    def _new_pool(self, workers: int):
+        from concurrent.futures import ProcessPoolExecutor
+
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self.ctx, initializer=_watch_parent,
+                                   initargs=(os.getpid(),))
+
+    def submit(self, item) -> None:
+        from concurrent.futures import Future
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            fut = self.pool.submit(decode_clip, item[0], *self.args_for(item))
+        except BrokenProcessPool as e:  # broken by a clip ahead of this one: next() sorts it out
+            fut = Future()
+            fut.set_exception(e)
+        self.window.append((item, fut))
+
+    def args_for(self, item) -> tuple:
+        frames, size = self.args
+        return frames, item[2], item[3], size
+
+    def __len__(self) -> int:
+        return len(self.window)
+
+    def next(self):
+        """(item, (sampled, decode seconds) or (None, (error type, message))) of the oldest clip."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        item, fut = self.window.popleft()
+        try:
+            return item, fut.result()
+        except BrokenProcessPool:
+            pass
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        pending = [item] + [it for it, _ in self.window]
+        self.window.clear()
+        outcome = self._alone(item)
+        self.pool = self._new_pool(self.workers)
+        for it in pending[1:]:
+            self.submit(it)
+        return item, outcome
+
+    def _alone(self, item):
+        """Decode `item` in a pool of its own: a second death names it as the killer."""
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._new_pool(1)
+        try:
+            return pool.submit(decode_clip, item[0], *self.args_for(item)).result()
+        except BrokenProcessPool:
+            return None, ("DecoderCrash", f"{item[0]}: the decoder process died on this file (a crash in "
+                                          "FFmpeg); re-encode it, or check that it is a video")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 @contextmanager
-def _cores_per_clip(device: str, threads: int):
-    """On CPU, share the cores among the clips in flight: `threads` clips run torch at once, and
-    each one's OpenMP team competing with the others for the same cores made the whole batch
-    slower (2 cores: 0.237 s/clip with torch on 2 threads, 0.203 s on 1). Restored afterwards,
-    so a library caller's setting survives."""
+def _model_threads(device: str, workers: int):
+    """On CPU the model gets the cores the decoding processes leave (at least one). Restored
+    afterwards, so a library caller's setting survives."""
     import torch
 
     before = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) // threads)))
+        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
     try:
         yield
     finally:
@@ -169,13 +276,13 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     that is what resume skips, and the first window given for a pair is the one used. A pair whose
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
-    `workers + 1` threads take clips from decode to result (PyAV and torch release the GIL while
-    they work): `workers` decode ahead while one is in the model. At most `workers + 3` clips are
-    in flight, so memory does not grow with the batch. Default: `default_workers()`.
+    `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
+    a time. At most `workers + 2` clips are in flight, so memory does not grow with the batch.
+    Default: `default_workers()`.
     """
     from tqdm import tqdm
 
-    from .pipeline import check_frames, ground_prepared, prepare
+    from .pipeline import check_frames, ground_prepared, model_input_size, prepare_sampled
     from .result import JsonlWriter, error_result
     from .weights import LoadedModel, load_model
 
@@ -207,44 +314,38 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
                                                                      allow_pickle=allow_pickle, frames=frames,
                                                                      span_decoding=span_decoding)
     n_ok = n_failed = 0
-
-    # Each clip goes from decode to result in one pool thread; the main thread only writes, in input
-    # order. On CPU the model runs in several threads at once (torch on one intra-op thread each,
-    # see _cores_per_clip): clips then fill both cores whatever mix of decoding and model
-    # work is pending, which a model confined to the main thread could not (it left a core idle
-    # while it ran). On a GPU one clip at a time holds the model; the other threads decode ahead.
-    model_turn = threading.Lock() if loaded.device != "cpu" else nullcontext()
-
-    def work(item):
-        try:
-            # one decoder thread per clip: the pool is the parallelism (14% less CPU per clip)
-            data = prepare(loaded, item[0], item[1], frames, item[2], item[3], threads=1)
-        except Exception as e:  # one bad file must not stop ten thousand others
-            return error_result(item[0], item[1], e, f"{item[4]}: {e}" if item[4] else str(e)), False
-        with model_turn:
-            return ground_prepared(loaded, data, item[0]), True
-
-    threads = workers + 1  # one clip in the model while `workers` others decode
+    n = frames if frames is not None else loaded.default_frames
     bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    with writer, ThreadPoolExecutor(max_workers=threads) as pool, _cores_per_clip(loaded.device, threads):
-        window: deque = deque()
-        it = iter(todo)
-        for item in it:  # keep a few clips in flight, never more
-            window.append(pool.submit(work, item))
-            if len(window) >= threads + 2:
-                break
-        while window:
-            fut = window.popleft()
-            nxt = next(it, None)
-            if nxt is not None:
-                window.append(pool.submit(work, nxt))
-            res, ok = fut.result()
-            n_ok += ok
-            n_failed += not ok
-            if not ok and progress:
-                bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
-            writer.append(res, retry=retry_failed)
-            bar.update(1)
+    # `workers` processes decode ahead while this thread runs the model and writes, in input order.
+    decoders = _Decoders(workers, (n, model_input_size(loaded)))
+    try:
+        with writer, _model_threads(loaded.device, workers):
+            it = iter(todo)
+            for item in it:  # keep a few clips in flight, never more
+                decoders.submit(item)
+                if len(decoders) >= workers + 2:
+                    break
+            while len(decoders):
+                item, (sampled, got) = decoders.next()
+                nxt = next(it, None)
+                if nxt is not None:
+                    decoders.submit(nxt)
+                t0 = time.perf_counter()
+                if sampled is None or not item[1]:
+                    kind, message = got if sampled is None else ("UserError", "empty query")
+                    message = f"{item[4]}: {message}" if item[4] else message
+                    res, ok = error_result(item[0], item[1], kind, message), False
+                else:
+                    prep = prepare_sampled(loaded, item[1], sampled, t0, got)
+                    res, ok = ground_prepared(loaded, prep, item[0]), True
+                n_ok += ok
+                n_failed += not ok
+                if not ok and progress:
+                    bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
+                writer.append(res, retry=retry_failed)
+                bar.update(1)
+    finally:
+        decoders.close()
     bar.close()
     return BatchCounts(n_ok, n_failed, skipped, failed_earlier)

@@ -69,14 +69,25 @@ def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = N
 
     query = check_query(query)
     check_frames(frames)
-    n = frames if frames is not None else loaded.default_frames
-    s = loaded.processor.settings.image_size
     t0 = time.perf_counter()
-    sampled = sample_frames(video, n, start_s=start_s, end_s=end_s, size=(s, s), threads=threads)
+    sampled = sample_frames(video, frames if frames is not None else loaded.default_frames, start_s=start_s,
+                            end_s=end_s, size=model_input_size(loaded), threads=threads)
+    return prepare_sampled(loaded, query, sampled, t0)
+
+
+def model_input_size(loaded) -> tuple[int, int]:
+    """(width, height) frames are decoded at: the model's square input."""
+    s = loaded.processor.settings.image_size
+    return s, s
+
+
+def prepare_sampled(loaded, query: str, sampled, t0: float, decode_s: float = 0.0) -> dict:
+    """The model inputs of frames already sampled (batch decodes them in worker processes);
+    `decode_s` is time spent before `t0` decoding them."""
     pixels = loaded.processor.preprocess_frames(sampled.frames)
     ids, text_mask = loaded.processor.encode_prompt(query, sampled.times_s)
     return {"query": query, "sampled": sampled, "pixels": pixels, "ids": ids, "text_mask": text_mask,
-            "decode_s": time.perf_counter() - t0}
+            "decode_s": decode_s + time.perf_counter() - t0}
 
 
 def _span_frames(lo: float, hi: float, sampled) -> tuple[int, int]:

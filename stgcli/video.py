@@ -121,7 +121,8 @@ def check_path(path: str | os.PathLike) -> Path:
     if not p.exists():
         raise VideoError(f"{path}: no such file; check the path")
     if p.is_dir():
-        raise VideoError(f"{path}: is a directory, not a video file; pass a video file (or use `stg batch` for folders)")
+        raise VideoError(f"{path}: is a directory, not a video file; pass a video file "
+                         "(or use `stg batch` for folders)")
     if p.stat().st_size == 0:
         raise VideoError(f"{path}: file is empty; pass a non-empty MP4/WebM/AVI/MKV file")
     return p

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from stgcli import batch as batch_module
 from stgcli.batch import run_batch
 from stgcli.errors import UserError
 from stgcli.result import read_jsonl, validate
@@ -179,6 +180,21 @@ def test_unusable_out_is_one_line_before_any_work(folder, tmp_path, capsys, wher
     assert_user_error(code, err, str(out))
 
 
+def _children(pid: int) -> list[int]:
+    kids = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        kids += [int(x) for x in (task / "children").read_text().split()]
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")  # a zombie has exited; reaping it is its new parent's business
+
+
 def test_kill_9_mid_batch_then_resume(folder, tmp_path):
     for i in range(6):
         shutil.copy(EXAMPLE, folder / f"k{i}.mp4")
@@ -189,8 +205,16 @@ def test_kill_9_mid_batch_then_resume(folder, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 2):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
+    workers = _children(proc.pid)
+    assert workers  # the decoding processes
+    os.kill(proc.pid, signal.SIGKILL)  # the batch process alone, as the OOM killer does
     proc.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.1)
+    left = [p for p in workers if _alive(p)]
+    os.killpg(proc.pid, signal.SIGKILL) if left else None
+    assert not left, "decoding processes outlived the batch"
     n_before = len(read_jsonl(out).records)
     assert 2 <= n_before < 9
     with open(out, "a") as f:  # what a kill in the middle of a write leaves
@@ -227,15 +251,32 @@ def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, cap
     assert not (tmp_path / "w.jsonl").exists()
 
 
-@pytest.mark.parametrize("device,most", [("cpu", 3), ("cuda:0", 1)])
-def test_model_runs_side_by_side_on_cpu_and_one_at_a_time_on_gpu(folder, tmp_path, model, monkeypatch,
-                                                                   device, most):
-    """On CPU clips share the cores inside the model too; on a GPU a second clip in the model
-    would only add its activations to GPU memory, so clips take turns (and keep decoding)."""
+_REAL_DECODE = batch_module.decode_clip  # the tests below patch it; workers (forked) see the patch
+
+
+def _decode_noting_pid(video, *args):
+    """Runs in a worker: notes which process decoded."""
+    with open(os.environ["STG_TEST_PIDS"], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    return _REAL_DECODE(video, *args)
+
+
+def _decode_or_die(video, *args):
+    """A decoder that crashes on one file, as FFmpeg can on a hostile one (no Python exception)."""
+    if "poison" in os.path.basename(video):
+        os._exit(11)
+    return _REAL_DECODE(video, *args)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
+def test_clips_decode_in_worker_processes_and_the_model_takes_one_at_a_time(folder, tmp_path, model, monkeypatch,
+                                                                            device):
+    """Decoding runs in other processes (it never holds the model's GIL), and one clip at a time
+    is in the model, on CPU and GPU alike."""
     import dataclasses
     import threading
 
-    from stgcli import pipeline
+    from stgcli import batch, pipeline
 
     active, peak, lock = [0], [0], threading.Lock()
     real = pipeline.ground_prepared
@@ -244,19 +285,46 @@ def test_model_runs_side_by_side_on_cpu_and_one_at_a_time_on_gpu(folder, tmp_pat
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
-        time.sleep(0.2)  # long enough for every thread of the pool to arrive
+        time.sleep(0.05)
         with lock:
             active[0] -= 1
         return real(model, data, video)  # the real (CPU) model does the work
 
-    for i in range(6):
+    for i in range(4):
         shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
+    pids = tmp_path / "pids.txt"
+    monkeypatch.setenv("STG_TEST_PIDS", str(pids))
     monkeypatch.setattr(pipeline, "ground_prepared", ground_prepared)
-    loaded = dataclasses.replace(model, device=device)
+    monkeypatch.setattr(batch, "decode_clip", _decode_noting_pid)
     out = tmp_path / "r.jsonl"
-    assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (9, 0, 0, 0)
-    assert peak[0] == most
-    assert len(lines(out)) == 9
+    loaded = dataclasses.replace(model, device=device)
+    assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (7, 0, 0, 0)
+    assert peak[0] == 1
+    seen = set(pids.read_text().split())
+    assert len(pids.read_text().split()) == 7 and str(os.getpid()) not in seen and 1 <= len(seen) <= 2
+    assert len(lines(out)) == 7
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_file_that_kills_the_decoder_fails_alone(folder, tmp_path, model, monkeypatch, capsys, workers):
+    """A segfault in the decoder took the whole batch down, and a resume died again at the same
+    file. Now only that clip fails (an error line naming it); the clips in flight with it, and
+    after it, are grounded."""
+    from stgcli import batch
+
+    shutil.copy(EXAMPLE, folder / "b_poison.mp4")
+    for i in range(3):
+        shutil.copy(EXAMPLE, folder / f"c{i}.mp4")
+    monkeypatch.setattr(batch, "decode_clip", _decode_or_die)
+    out = tmp_path / "p.jsonl"
+    assert run_batch(folder, out, query="the red circle", model=model, progress=False, workers=workers) == (6, 1, 0, 0)
+    docs = lines(out)
+    assert [Path(d["video"]["path"]).name for d in docs] == ["a.mp4", "b.mp4", "b_poison.mp4", "c0.mp4", "c1.mp4",
+                                                             "c2.mp4", "c.mp4"]
+    bad = [d for d in docs if d.get("error")]
+    assert len(bad) == 1 and bad[0]["video"]["path"].endswith("b_poison.mp4")
+    assert "decoder process died" in bad[0]["error"]["message"]
+    assert all(d["span"] is not None for d in docs if not d.get("error"))
 
 
 @pytest.mark.parametrize("cores,want", [(None, 1), (1, 1), (2, 1), (3, 2), (16, 4)])
@@ -297,3 +365,18 @@ def test_failed_pairs_are_retried_only_when_asked(folder, tmp_path, capsys, clip
     rows = csv_path.read_text().splitlines()[1:]
     assert len({r.split(",")[0] for r in rows}) == 4  # broken.mp4 exports its new track
     assert "no track" not in err  # the superseded error line is not counted as a result
+
+
+def test_a_script_without_a_main_guard_runs_its_batch_once(folder, tmp_path):
+    """Library use from a plain script (no `if __name__ == "__main__":`): worker processes that
+    imported the script again (spawn) would start its batch again in every worker."""
+    script = tmp_path / "script.py"
+    out = tmp_path / "s.jsonl"
+    script.write_text("from pathlib import Path\nfrom stgcli.batch import run_batch\n"
+                      f"print(tuple(run_batch(Path({str(folder)!r}), Path({str(out)!r}), query='the red circle', "
+                      "device='cpu', progress=False, workers=2)))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          cwd=str(Path(__file__).resolve().parents[1]))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "(3, 0, 0, 0)"
+    assert len(lines(out)) == 3
