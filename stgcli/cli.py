@@ -170,7 +170,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 @click.option("--query", default=None, help="One query for every video of a folder.")
 @_model_options
 @click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4",
-              help="Clips decoding ahead of the one in the model (on CPU the model runs in these threads too).")
+              help="Processes decoding clips ahead of the one in the model.")
 @click.option("--resume/--no-resume", default=True, show_default=True,
               help="Skip (video, query) pairs already in --out.")
 @click.option("--retry-failed", is_flag=True,
