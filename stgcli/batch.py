@@ -142,14 +142,26 @@ def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | N
     return sampled, time.perf_counter() - t0
 
 
-def _watch_parent(parent: int) -> None:
-    """Worker process: exit when the batch process is gone (a kill -9 leaves no one to shut the
-    pool down, and a worker waiting for work would wait forever)."""
+def _worker_init(parent: int) -> None:
+    """Worker process: leave Ctrl-C to the batch process (which stops the pool; otherwise every
+    idle worker prints a KeyboardInterrupt traceback), and exit when the batch process is gone
+    (a kill -9 leaves no one to shut the pool down, and a worker waiting for work would wait
+    forever). POSIX hands an orphan to a new parent; Windows does not, but the parent's sentinel
+    closes with it."""
+    import multiprocessing
+    import signal
     import threading
+    from multiprocessing.connection import wait
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    me = multiprocessing.parent_process()
 
     def watch():
         while os.getppid() == parent:
-            time.sleep(0.5)
+            if me is None:
+                time.sleep(0.5)
+            elif wait([me.sentinel], timeout=0.5):
+                break
         os._exit(0)
 
     threading.Thread(target=watch, daemon=True).start()
@@ -169,12 +181,12 @@ class _Decoders:
     def __init__(self, workers: int, args: tuple):
         import multiprocessing
 
-        # fork where there is one (Linux): spawn would import the caller's main module again in
-        # every worker, and a script without an `if __name__ == "__main__"` guard would then run
-        # its batch there too. The workers only decode (PyAV, numpy), never torch, so the thread
-        # pools torch holds at fork time are never used in them (as with torch's DataLoader).
-        methods = multiprocessing.get_all_start_methods()
-        self.ctx = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+        # fork on Linux: spawn would import the caller's main module again in every worker, and a
+        # script without an `if __name__ == "__main__"` guard would then run its batch there too.
+        # The workers only decode (PyAV, numpy), never torch, so the thread pools torch holds at
+        # fork time are never used in them (as with torch's DataLoader). Elsewhere spawn: macOS
+        # offers fork too, but its system frameworks are not safe to use after one.
+        self.ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.workers, self.args = workers, args
         self.pool = self._new_pool(workers)
         self.window: deque = deque()
@@ -182,7 +194,7 @@ class _Decoders:
     def _new_pool(self, workers: int):
         from concurrent.futures import ProcessPoolExecutor
 
-        return ProcessPoolExecutor(max_workers=workers, mp_context=self.ctx, initializer=_watch_parent,
+        return ProcessPoolExecutor(max_workers=workers, mp_context=self.ctx, initializer=_worker_init,
                                    initargs=(os.getpid(),))
 
     def submit(self, item) -> None:
@@ -229,10 +241,21 @@ class _Decoders:
         try:
             return pool.submit(decode_clip, item[0], *self.args_for(item)).result()
         except BrokenProcessPool:
-            return None, ("DecoderCrash", f"{item[0]}: the decoder process died on this file (a crash in "
-                                          "FFmpeg); re-encode it, or check that it is a video")
+            pass
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+        # The file, or worker processes that cannot run at all? Blaming every clip for the latter
+        # would fill the output with error lines that resume then skips.
+        pool = self._new_pool(1)
+        try:
+            pool.submit(os.getpid).result()
+        except BrokenProcessPool:
+            raise RuntimeError("stg batch: its decoding worker processes die on start; nothing was "
+                               "blamed on the clips (see the errors above)") from None
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        return None, ("DecoderCrash", f"{item[0]}: the decoder process died on this file (a crash in FFmpeg); "
+                                      "re-encode it, or check that it is a video")
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -277,12 +300,12 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
-    a time. At most `workers + 2` clips are in flight, so memory does not grow with the batch.
+    a time. At most `workers + 3` clips are in flight, so memory does not grow with the batch.
     Default: `default_workers()`.
     """
     from tqdm import tqdm
 
-    from .pipeline import check_frames, ground_prepared, model_input_size, prepare_sampled
+    from .pipeline import check_frames, check_query, ground_prepared, model_input_size, prepare_sampled
     from .result import JsonlWriter, error_result
     from .weights import LoadedModel, load_model
 
@@ -332,12 +355,18 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
                 if nxt is not None:
                     decoders.submit(nxt)
                 t0 = time.perf_counter()
-                if sampled is None or not item[1]:
-                    kind, message = got if sampled is None else ("UserError", "empty query")
+                prep = None
+                if sampled is None:
+                    kind, message = got
+                else:
+                    try:
+                        prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got)
+                    except Exception as e:  # noqa: BLE001 - as a decoding error: this clip's line, not the batch's end
+                        kind, message = type(e).__name__, str(e)
+                if prep is None:
                     message = f"{item[4]}: {message}" if item[4] else message
                     res, ok = error_result(item[0], item[1], kind, message), False
                 else:
-                    prep = prepare_sampled(loaded, item[1], sampled, t0, got)
                     res, ok = ground_prepared(loaded, prep, item[0]), True
                 n_ok += ok
                 n_failed += not ok

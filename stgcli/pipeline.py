@@ -63,8 +63,8 @@ def vocabulary_warning(model_name: str, words: list[str]) -> str:
 
 def prepare(loaded, video: str | os.PathLike, query: str, frames: int | None = None,
             start_s: float | None = None, end_s: float | None = None, threads: int = 0):
-    """Decode and tokenise one clip (the CPU-side half of grounding; batch runs it in workers,
-    each with `threads=1` decoder thread)."""
+    """Decode and tokenise one clip (the CPU-side half of grounding; `stg batch` decodes in
+    worker processes instead, then calls `prepare_sampled`). `threads` caps the decoder's threads."""
     from .video import sample_frames
 
     query = check_query(query)
@@ -205,7 +205,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
 
 
 def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | None = None) -> GroundingResult:
-    """The model half of `ground` on a clip `prepare` has decoded (batch decodes ahead in a thread)."""
+    """The model half of `ground` on a clip `prepare` (or, on frames a batch worker decoded,
+    `prepare_sampled`) made ready."""
     warnings: list[str] = []
     unknown = unknown_words(prep["query"], loaded.training_vocabulary)
     if unknown:

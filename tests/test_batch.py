@@ -380,3 +380,63 @@ def test_a_script_without_a_main_guard_runs_its_batch_once(folder, tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "(3, 0, 0, 0)"
     assert len(lines(out)) == 3
+
+
+def _die_on_start(parent):
+    os._exit(12)
+
+
+def test_workers_that_cannot_start_stop_the_batch_without_blaming_the_clips(folder, tmp_path, model, monkeypatch):
+    """When no worker process can run at all, the clips are not at fault: no error line is
+    written for them (a resume would skip them), the batch stops with an error instead."""
+    from stgcli import batch
+
+    monkeypatch.setattr(batch, "_worker_init", _die_on_start)
+    out = tmp_path / "w.jsonl"
+    with pytest.raises(RuntimeError, match="die on start"):
+        run_batch(folder, out, query="the red circle", model=model, progress=False, workers=1)
+    assert not out.exists() or not out.read_text().strip()
+
+
+def test_a_clip_that_fails_after_decoding_is_an_error_line(folder, tmp_path, model, monkeypatch):
+    """Anything failing between decode and model (preprocessing, the prompt) fails that clip
+    only, as a decoding error does."""
+    from stgcli import pipeline
+
+    real = pipeline.prepare_sampled
+
+    def prepare_sampled(loaded, query, sampled, t0, decode_s=0.0):
+        if sampled.info.path.endswith("b.mp4"):
+            raise ValueError("cannot preprocess this one")
+        return real(loaded, query, sampled, t0, decode_s)
+
+    monkeypatch.setattr(pipeline, "prepare_sampled", prepare_sampled)
+    out = tmp_path / "e.jsonl"
+    assert run_batch(folder, out, query="the red circle", model=model, progress=False) == (2, 1, 0, 0)
+    bad = [d for d in lines(out) if d.get("error")]
+    assert [Path(d["video"]["path"]).name for d in bad] == ["b.mp4"]
+    assert "cannot preprocess this one" in bad[0]["error"]["message"]
+
+
+def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: the decoding workers leave it to the
+    batch process, which says so once (no traceback from each worker)."""
+    for i in range(6):
+        shutil.copy(EXAMPLE, folder / f"i{i}.mp4")
+    out = tmp_path / "c.jsonl"
+    cmd = [sys.executable, "-m", "stgcli", "batch", str(folder), "--query", "the red circle", "--out", str(out),
+           "--device", "cpu", "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or not out.read_text().count("\n")):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
+    assert err.count("stg: aborted") + err.count("stg: interrupted") == 1
+    assert proc.returncode == 130
