@@ -205,14 +205,14 @@ def cold_start(tmp: Path, reps: int = 3) -> dict:
     """Wall time of the real command, and a breakdown from an instrumented fresh process."""
     query = "the red circle moving left"
     walls, parts = [], []
-    for _ in range(reps):
-        out = tmp / "cold.json"
+    for rep in range(reps):
+        out = tmp / f"cold{rep}.json"  # stg never overwrites an --out
         t0 = time.perf_counter()
         subprocess.run([PY, "-m", "stgcli", "ground", str(EXAMPLE), query, "--device", "cpu", "--json",
                         "--out", str(out)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         walls.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        r = subprocess.run([PY, "-c", _COLD, str(EXAMPLE), query, str(tmp / "cold2.json")], check=True,
+        r = subprocess.run([PY, "-c", _COLD, str(EXAMPLE), query, str(tmp / f"cold_parts{rep}.json")], check=True,
                            capture_output=True, text=True)
         d = json.loads(r.stdout.strip().splitlines()[-1])
         d["interpreter"] = (time.perf_counter() - t0) - sum(d.values())
