@@ -198,6 +198,8 @@ def make_batch(processor, config, frames: int, batch: int, device: str, dtype, p
 
 def run_stages(model, inputs: dict, answer_tokens: int = ANSWER_TOKENS) -> dict[str, float]:
     """One grounding pass split into timed stages (same computation as ground_forward + ground)."""
+    from stgcli.models.spacevllm.modeling_spacevllm import _CACHE, _cache_of
+
     import torch
 
     device = str(inputs["input_ids"].device)
@@ -219,12 +221,12 @@ def run_stages(model, inputs: dict, answer_tokens: int = ANSWER_TOKENS) -> dict[
         hidden = lm.last_hidden_state
         next_tok = model.lm_head(hidden[:, -1]).argmax(-1)
         t = tick("prefill", t)
-        past, mask = lm.past_key_values, inputs["attention_mask"]
+        past, mask = _cache_of(lm), inputs["attention_mask"]
         for _ in range(answer_tokens):  # fixed length: no early stop at EOS
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             step = model.model.language_model(input_ids=next_tok[:, None], attention_mask=mask,
-                                              past_key_values=past, use_cache=True)
-            past = step.past_key_values
+                                              use_cache=True, **{_CACHE: past})
+            past = _cache_of(step)
             next_tok = model.lm_head(step.last_hidden_state[:, -1]).argmax(-1)
         t = tick("generate", t)
         b, f = patches.shape[:2]

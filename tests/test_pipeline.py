@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stgcli.pipeline import finish, prepare, unknown_words
+from stgcli.pipeline import finish, ground, prepare, unknown_words
 from stgcli.result import validate
 from stgcli.weights import load_model
 from tests.conftest import VFR_PTS
@@ -167,3 +167,15 @@ def test_a_prompt_longer_than_the_model_positions_warns(model, monkeypatch):
     monkeypatch.setattr(model.model.config.text_config, "max_position_embeddings", 100)
     res = ground(EXAMPLE, "the red circle", model=model)
     assert any("more than the 100 positions" in w and "fewer --frames" in w for w in res.warnings)
+
+
+def test_grounding_raises_no_library_warnings(model):
+    """A user sees stg's own lines on stderr only. transformers 5.24 renamed the KV-cache argument
+    (`past_key_values` -> `cache`) and warned on every call made with the old name."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = ground(EXAMPLE, "the red circle moving left", model=model)
+    assert res.span is not None
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []

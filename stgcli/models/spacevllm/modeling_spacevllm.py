@@ -25,6 +25,24 @@ from transformers.utils import ModelOutput
 from .configuration_spacevllm import SpaceVLLMConfig
 
 
+def _cache_kwarg() -> str:
+    """The name transformers' models take the KV cache by: `cache` since 5.24, `past_key_values`
+    before (5.24 still takes the old one but warns on every call, to stderr; 5.40 drops it)."""
+    import inspect
+
+    from transformers import Qwen2Model
+
+    return "cache" if "cache" in inspect.signature(Qwen2Model.forward).parameters else "past_key_values"
+
+
+_CACHE = _cache_kwarg()
+
+
+def _cache_of(out):
+    """The KV cache a transformers output returns, under either name (see _cache_kwarg)."""
+    return getattr(out, "cache", None) if _CACHE == "cache" else out.past_key_values
+
+
 @dataclass
 class SpaceVLLMOutput(ModelOutput):
     """Training/forward output. `boxes` are normalised cxcywh per sampled frame (B, F, 4)."""
@@ -191,7 +209,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         b, f = pixel_values_videos.shape[:2]
         # transformers projects every patch and then pools; keep the projected patches on the
         # way past instead of running the projector a second time. Only this thread's: the model
-        # may be running other clips in other threads at the same time (stg batch on CPU does).
+        # may be running other clips in other threads at the same time (a library caller's threads).
         seen, me = [], threading.get_ident()
 
         def keep(_module, _inputs, out):
@@ -272,7 +290,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 mid_logits = self.space_decoder.presence_head(mid_h).view(b, f)
                 mid_loss = F.binary_cross_entropy_with_logits(mid_logits.float(), gt_in_span.float())
                 result.loss = result.loss + self.config.mid_presence_weight * mid_loss
-        return result, (out.past_key_values if use_cache else None), hidden
+        return result, (_cache_of(out) if use_cache else None), hidden
 
     def _attr_loss(self, patch_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over attributes of the patch-wise cross-entropy; "none" (class 0) weighs 0.1, as
@@ -342,8 +360,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                 break
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
             step = self.model.language_model(input_ids=next_tok.view(1, 1), attention_mask=mask,
-                                             past_key_values=past, use_cache=True)
-            past = step.past_key_values
+                                             use_cache=True, **{_CACHE: past})
+            past = _cache_of(step)
             next_tok = self.lm_head(step.last_hidden_state[:, -1]).argmax(-1)
         return tokens, res.boxes[0], presence
 
@@ -374,8 +392,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         dtype = dtype if dtype.is_floating_point else torch.float16  # quantized embeddings
         mask = torch.zeros(sees.shape, dtype=dtype, device=dev).masked_fill_(~sees, torch.finfo(dtype).min)
         out = self.model.language_model(input_ids=ids[None], attention_mask=mask[None, None],
-                                        position_ids=(n_prompt + pos)[None], past_key_values=past,
-                                        use_cache=True)
+                                        position_ids=(n_prompt + pos)[None], use_cache=True,
+                                        **{_CACHE: past})
         past.crop(-len(ids))  # back to the prompt alone
         logp = torch.log_softmax(self.lm_head(out.last_hidden_state[0]).float(), -1)
         targets = torch.tensor([t for c in candidates for t in c[1:]], device=dev)
