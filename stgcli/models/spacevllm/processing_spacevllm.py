@@ -62,7 +62,8 @@ class SpaceVLLMProcessor:
         self.settings = settings
         self.video_token_id = tokenizer.convert_tokens_to_ids(settings.video_token)
         self.query_token_id = tokenizer.convert_tokens_to_ids(settings.query_token)
-        pattern = re.escape(settings.answer_template).replace(r"\{start\}", _ANSWER_NUM).replace(r"\{end\}", _ANSWER_NUM)
+        pattern = re.escape(settings.answer_template)
+        pattern = pattern.replace(r"\{start\}", _ANSWER_NUM).replace(r"\{end\}", _ANSWER_NUM)
         self._answer_re = re.compile(pattern)
 
     # -- persistence ---------------------------------------------------------------------------
