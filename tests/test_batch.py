@@ -424,7 +424,11 @@ def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path):
     for i in range(6):
         shutil.copy(EXAMPLE, folder / f"i{i}.mp4")
     out = tmp_path / "c.jsonl"
-    cmd = [sys.executable, "-m", "stgcli", "batch", str(folder), "--query", "the red circle", "--out", str(out),
+    # Python keeps SIGINT ignored when it starts with it ignored (a background job of a
+    # non-interactive shell, as CI may be): give it the handler an interactive terminal gives.
+    start = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+             "from stgcli.cli import main; main(sys.argv[1:])")
+    cmd = [sys.executable, "-c", start, "batch", str(folder), "--query", "the red circle", "--out", str(out),
            "--device", "cpu", "--workers", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
