@@ -1,4 +1,5 @@
-"""What every benchmark script shares: the machine line and the RESULTS.md section writer."""
+"""What every benchmark script shares: the machine line, the RESULTS.md section writer, and the
+box diagnostic of the quality scripts."""
 from __future__ import annotations
 
 import datetime
@@ -31,3 +32,13 @@ def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") 
     head, rest = parts[0], ["## " + p for p in parts[1:]]
     rest = [p for p in rest if not p.startswith(heading)] + [section]
     path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
+
+
+def true_span_box_ious(model, prep: dict, boxes, row: dict) -> list[float]:
+    """IoU of the model's box with the truth on each sampled frame inside the true span of a
+    `stg synth` clip (`row`, its manifest line): the boxes alone, whatever span was chosen."""
+    from stgcli.metrics import box_iou
+
+    px = model.processor.boxes_to_pixels(boxes, row["width"], row["height"])
+    return [float(box_iou(px[i], row["boxes"][str(int(f))])) for i, f in enumerate(prep["sampled"].indices)
+            if str(int(f)) in row["boxes"]]

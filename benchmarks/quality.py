@@ -19,11 +19,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from _common import machine, today, write_section  # noqa: E402
+from _common import machine, today, true_span_box_ious, write_section  # noqa: E402
 import numpy as np  # noqa: E402
 
 from stgcli import load_model  # noqa: E402
-from stgcli.metrics import box_iou, score_sample, span_frames, summarize, tiou  # noqa: E402
+from stgcli.metrics import score_sample, span_frames, summarize, tiou  # noqa: E402
 from stgcli.pipeline import finish, prepare, run_model  # noqa: E402
 from stgcli.synth import synth_dataset  # noqa: E402
 
@@ -115,8 +115,7 @@ def _attribution(model, prep, boxes, presence, row) -> tuple[float, float | None
     gt = span_frames(*row["span_frames"])
     on = [f for f, p in zip(idx, presence) if p > 0.5]
     t = tiou(span_frames(min(on), max(on)), gt) if on else 0.0
-    px = model.processor.boxes_to_pixels(boxes, row["width"], row["height"])
-    ious = [float(box_iou(px[i], row["boxes"][str(f)])) for i, f in enumerate(idx) if str(f) in row["boxes"]]
+    ious = true_span_box_ious(model, prep, boxes, row)
     return t, (float(np.mean(ious)) if ious else None)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from stgcli.metrics import box_iou, score_sample, summarize
+from _common import true_span_box_ious
+from stgcli.metrics import score_sample, summarize
 from stgcli.pipeline import finish, prepare, run_model
 from stgcli.weights import load_model
 
@@ -39,9 +40,7 @@ def main() -> None:
             text, boxes, presence, _ = run_model(m, prep)
             res = finish(m, prep, args.clips / r["video"], text, boxes, presence, {}, [])
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
-            px = m.processor.boxes_to_pixels(boxes, r["width"], r["height"])
-            ious += [float(box_iou(px[i], r["boxes"][str(int(f))])) for i, f in enumerate(prep["sampled"].indices)
-                     if str(int(f)) in r["boxes"]]
+            ious += true_span_box_ious(m, prep, boxes, r)
         s, iou = summarize(scores), np.asarray(ious)
         print(f"{m.name} bias {bias:+.1f} ({args.span_decoding}): m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
