@@ -178,7 +178,7 @@ class _Decoders:
     at a time, and no decoding holding the model's GIL.
     """
 
-    def __init__(self, workers: int, args: tuple):
+    def __init__(self, workers: int, frames: int, size: tuple[int, int]):
         import multiprocessing
 
         # fork on Linux: spawn would import the caller's main module again in every worker, and a
@@ -187,7 +187,7 @@ class _Decoders:
         # fork time are never used in them (as with torch's DataLoader). Elsewhere spawn: macOS
         # offers fork too, but its system frameworks are not safe to use after one.
         self.ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        self.workers, self.args = workers, args
+        self.workers, self.frames, self.size = workers, frames, size
         self.pool = self._new_pool(workers)
         self.window: deque = deque()
 
@@ -202,15 +202,15 @@ class _Decoders:
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            fut = self.pool.submit(decode_clip, item[0], *self.args_for(item))
+            fut = self.pool.submit(decode_clip, *self._args(item))
         except BrokenProcessPool as e:  # broken by a clip ahead of this one: next() sorts it out
             fut = Future()
             fut.set_exception(e)
         self.window.append((item, fut))
 
-    def args_for(self, item) -> tuple:
-        frames, size = self.args
-        return frames, item[2], item[3], size
+    def _args(self, item) -> tuple:
+        """decode_clip's arguments for a (video, query, start_s, end_s, origin) item."""
+        return item[0], self.frames, item[2], item[3], self.size
 
     def __len__(self) -> int:
         return len(self.window)
@@ -239,7 +239,7 @@ class _Decoders:
 
         pool = self._new_pool(1)
         try:
-            return pool.submit(decode_clip, item[0], *self.args_for(item)).result()
+            return pool.submit(decode_clip, *self._args(item)).result()
         except BrokenProcessPool:
             pass
         finally:
@@ -341,7 +341,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     # `workers` processes decode ahead while this thread runs the model and writes, in input order.
-    decoders = _Decoders(workers, (n, model_input_size(loaded)))
+    decoders = _Decoders(workers, n, model_input_size(loaded))
     try:
         with writer, _model_threads(loaded.device, workers):
             it = iter(todo)

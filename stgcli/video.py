@@ -516,7 +516,9 @@ def _truncation_warnings(path, container, stream, pk: _Packets, n: int, duration
     if declared is not None:
         declared -= dead / fps
     short = declared is not None and declared - duration > max(3.0 / fps, 0.02 * declared)
-    if short or pk.demux_error or n < len(pk.pts) - dead or (stream.frames or 0) - dead > n and not pk.discarded:
+    # the container claims more frames; not trusted with an edit list, whose hidden samples it counts
+    claims_more = (stream.frames or 0) - dead > n and not pk.discarded
+    if short or pk.demux_error or n < len(pk.pts) - dead or claims_more:
         what = f"{duration:.2f}s" + (f" of the declared {declared:.2f}s" if short else "")
         warnings.append(f"{path}: video looks truncated or corrupt; only {n} frames ({what}) decode; "
                         "grounding on the part that decodes")
