@@ -213,7 +213,8 @@ def test_kill_9_mid_batch_then_resume(folder, tmp_path):
     while time.time() < deadline and any(_alive(p) for p in workers):
         time.sleep(0.1)
     left = [p for p in workers if _alive(p)]
-    os.killpg(proc.pid, signal.SIGKILL) if left else None
+    if left:
+        os.killpg(proc.pid, signal.SIGKILL)
     assert not left, "decoding processes outlived the batch"
     n_before = len(read_jsonl(out).records)
     assert 2 <= n_before < 9

@@ -459,20 +459,6 @@ def test_a_last_frame_held_for_seconds_keeps_the_frame_rate(tmp_path):
     assert s.info.fps == pytest.approx(30.0) and s.times_s[-1] == pytest.approx(29 / 30)
 
 
-def _cut_head(src, dst, skip: int):
-    """A stream copy of `src` without its first `skip` packets: what remuxing a recording that
-    started between keyframes gives."""
-    import av
-    with av.open(str(src)) as c, av.open(str(dst), "w") as out:
-        s = c.streams.video[0]
-        o = out.add_stream_from_template(s)
-        packets = [p for p in c.demux(s) if p.dts is not None]
-        for p in packets[skip:]:
-            p.stream = o
-            out.mux(p)
-    return dst
-
-
 @pytest.mark.parametrize("ext", ["mkv", "mp4"])
 def test_a_file_cut_between_keyframes_counts_from_its_first_decodable_frame(tmp_path, ext):
     """The leading packets of a file cut mid-GOP never decode: they are not frames of the decoded
@@ -482,7 +468,7 @@ def test_a_file_cut_between_keyframes_counts_from_its_first_decodable_frame(tmp_
     from tests import videogen as vg
     src = vg.write_video(tmp_path / "src.mkv", vg.painted_frames(72, 160, 120), 25,
                          options={"g": "12", "bf": "2"})
-    cut = _cut_head(src, tmp_path / f"cut.{ext}", 5)
+    cut = vg.remux(src, tmp_path / f"cut.{ext}", lambda k, p: k >= 5)  # without its first 5 packets
     full = [read_code(f) for _, _, f in video.iter_frames(src)]
     first = full.index(12)  # the second keyframe: nothing before it in the cut file decodes
     for kw in ({}, {"end_s": 1.2}, {"backend": "pyav"}):
@@ -502,18 +488,16 @@ def test_an_edit_list_is_not_called_truncated(tmp_path):
     import av
     from tests import videogen as vg
     src = vg.write_video(tmp_path / "src.mp4", vg.painted_frames(60, 160, 120), 25, options={"g": "12", "bf": "2"})
-    dst = tmp_path / "edit.mp4"
-    with av.open(str(src)) as c, av.open(str(dst), "w") as out:
-        s = c.streams.video[0]
-        o = out.add_stream_from_template(s)
-        tick = int(round(1 / (25 * s.time_base)))
-        for p in c.demux(s):
-            if p.dts is None or (p.pts < 12 * tick and p.dts < 8 * tick):
-                continue
-            p.pts -= 16 * tick
-            p.dts -= 16 * tick
-            p.stream = o
-            out.mux(p)
+    with av.open(str(src)) as c:
+        tick = int(round(1 / (25 * c.streams.video[0].time_base)))
+
+    def trim(_, p):  # from keyframe 12 on, with frame 16 at time 0: the mov muxer writes an edit list
+        if p.pts < 12 * tick and p.dts < 8 * tick:
+            return False
+        p.pts -= 16 * tick
+        p.dts -= 16 * tick
+
+    dst = vg.remux(src, tmp_path / "edit.mp4", trim)
     with av.open(str(dst)) as c:
         assert any(p.is_discard for p in c.demux(video=0) if p.size)  # the file has hidden samples
     s = video.sample_frames(dst, 8)

@@ -155,3 +155,17 @@ def cut_inside_first_packet(src: str | Path, dst: str | Path) -> Path:
         end = pkt.pos + pkt.size // 2
     Path(dst).write_bytes(Path(src).read_bytes()[:end])
     return Path(dst)
+
+
+def remux(src: str | Path, dst: str | Path, edit) -> Path:
+    """Stream-copy `src`'s video packets (those with a dts, in decode order, numbered from 0) to
+    `dst` without re-encoding: `edit(k, packet)` returns False to drop a packet, and may shift
+    its timestamps. How cut or trimmed files are made."""
+    with av.open(str(src)) as c, av.open(str(dst), "w") as out:
+        s = c.streams.video[0]
+        o = out.add_stream_from_template(s)
+        for k, p in enumerate(p for p in c.demux(s) if p.dts is not None):
+            if edit(k, p) is not False:
+                p.stream = o
+                out.mux(p)
+    return Path(dst)
