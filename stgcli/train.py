@@ -48,6 +48,7 @@ class TrainConfig:
     twin_prob: float = 0.3          # share of clips with a twin of the target (synth.sample_clip)
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
+    init_from: str = ""             # a model folder whose weights start the run (an earlier leg); "": random
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -137,6 +138,45 @@ def new_tiny_model(cfg: TrainConfig, seed: int):
     settings = ProcessorSettings(image_size=vc.image_size, patch_size=vc.patch_size,
                                  time_decimals=config.time_decimals)
     return model, SpaceVLLMProcessor(tok, settings)
+
+
+# One row per patch of the input grid: these change shape with the input size, nothing else does.
+GRID_TENSORS = ("model.vision_tower.embeddings.position_embedding.weight", "space_decoder.pos_embed")
+
+
+def init_weights(model, src: str | Path) -> None:
+    """Load an earlier model's weights into `model` (a later training leg). When the input size
+    changed, the per-patch position embeddings are resized bicubically over the patch grid, as
+    transformers' SigLIP does for `interpolate_pos_encoding`, so a model trained fast at a small
+    size goes on at a larger one. Any other difference in shape is refused: it is another model."""
+    import torch
+    import torch.nn.functional as F
+    from transformers.utils import logging as hf_logging
+
+    from .models.spacevllm import SpaceVLLMForConditionalGeneration
+
+    hf_logging.disable_progress_bar()  # the training bar only
+    if not (Path(src) / "model.safetensors").is_file():
+        raise UserError(f"{src}: init_from needs a model folder with model.safetensors (a run's model/ folder)")
+    try:
+        weights = SpaceVLLMForConditionalGeneration.from_pretrained(src).state_dict()
+    except Exception as e:  # noqa: BLE001 - safetensors, json and transformers each raise their own
+        raise UserError(f"{src}: cannot load init_from model ({type(e).__name__}: {e})") from None
+    own = model.state_dict()
+    for name in GRID_TENSORS:
+        w, want = weights[name], own[name]
+        if w.shape != want.shape and w.shape[1:] == want.shape[1:]:
+            g0, g1 = math.isqrt(w.shape[0]), math.isqrt(want.shape[0])
+            grid = w.T.reshape(1, -1, g0, g0).float()
+            w = F.interpolate(grid, size=(g1, g1), mode="bicubic", align_corners=False)
+            weights[name] = w.reshape(-1, g1 * g1).T.to(want.dtype).contiguous()
+    for name, w in weights.items():
+        if name not in own or own[name].shape != w.shape:
+            have = tuple(own[name].shape) if name in own else "no such tensor"
+            raise UserError(f"{src}: init_from weight {name} is {tuple(w.shape)}, this config's model has {have}; "
+                            "init_from needs the same model apart from its input size")
+    with torch.no_grad():
+        model.load_state_dict(weights, strict=True)
 
 
 def _augment(frames: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> np.ndarray:
@@ -402,6 +442,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
 
                 shutil.rmtree(out_dir / name)
         model, processor = new_tiny_model(cfg, cfg.seed)
+        if cfg.init_from:
+            init_weights(model, cfg.init_from)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]

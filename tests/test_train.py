@@ -202,3 +202,40 @@ def test_attribute_loss_and_motion_features(tmp_path):
     assert not torch.allclose(boxes[:, 1], moved[:, 1])
     torch.testing.assert_close(boxes[:, 0], moved[:, 0])
     torch.testing.assert_close(plain[0][:, :2], plain[1][:, :2])
+
+
+def test_init_from_an_earlier_leg_at_a_larger_input_size(tmp_path):
+    """init_from starts a run from an earlier model: every weight carries over, and the per-patch
+    position embeddings are resized over the grid when the input size grew (4x4 -> 6x6 patches);
+    a model of another shape is one clear error."""
+    from tests.test_model import SMALL
+
+    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
+    src = tmp_path / "leg1" / "model"
+    from stgcli.models.spacevllm import SpaceVLLMForConditionalGeneration
+    from stgcli.train import GRID_TENSORS, init_weights
+    old = SpaceVLLMForConditionalGeneration.from_pretrained(src).state_dict()
+
+    big = dict(SMALL, vision_config={**SMALL["vision_config"], "image_size": 96})
+    model, proc = new_tiny_model(small_cfg(model=big), 0)
+    init_weights(model, src)
+    new = model.state_dict()
+    for name, w in old.items():
+        if name in GRID_TENSORS:
+            assert w.shape[0] == 16 and new[name].shape == (36,) + w.shape[1:]
+            # a bicubic resize keeps the grid's mean and its spatial order: top-left stays top-left
+            torch.testing.assert_close(new[name].mean(0), w.mean(0), atol=0.05 * float(w.abs().max()), rtol=0)
+            assert torch.corrcoef(torch.stack([new[name][0], w[0]]))[0, 1] > 0.9
+        else:
+            torch.testing.assert_close(new[name], w, rtol=0, atol=0, msg=name)
+    assert model.lm_head.weight.data_ptr() == model.model.language_model.embed_tokens.weight.data_ptr()
+
+    # and a whole run from it: trains at the new size, its processor at the new size too
+    out = train(small_cfg(out_dir=str(tmp_path / "leg2"), steps=1, model=big, init_from=str(src)), progress=False)
+    assert json.loads((out / "processor_config.json").read_text())["image_size"] == 96
+
+    wider = dict(SMALL, decoder_hidden_size=48)
+    with pytest.raises(UserError, match="space_decoder.*init_from needs the same model"):
+        init_weights(new_tiny_model(small_cfg(model=wider), 0)[0], src)
+    with pytest.raises(UserError, match="init_from needs a model folder"):
+        init_weights(model, tmp_path)
