@@ -122,6 +122,11 @@ def _recorded_keys(recorded: set[tuple[str, str]], wanted: set[tuple[str, str]])
     return out
 
 
+# Far beyond any healthy clip (a long file without an index is read whole to find its frames: minutes
+# at worst), and short enough that a batch left overnight does not sit on one file.
+DECODE_TIMEOUT_S = 600.0
+
+
 def default_workers() -> int:
     """One decoding process per core beyond the first (which runs the model), at most 4 (a window
     of a few clips is enough to keep the model fed)."""
@@ -178,7 +183,7 @@ class _Decoders:
     at a time, and no decoding holding the model's GIL.
     """
 
-    def __init__(self, workers: int, frames: int, size: tuple[int, int]):
+    def __init__(self, workers: int, frames: int, size: tuple[int, int], timeout: float | None = None):
         import multiprocessing
 
         # fork on Linux: spawn would import the caller's main module again in every worker, and a
@@ -187,7 +192,7 @@ class _Decoders:
         # fork time are never used in them (as with torch's DataLoader). Elsewhere spawn: macOS
         # offers fork too, but its system frameworks are not safe to use after one.
         self.ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        self.workers, self.frames, self.size = workers, frames, size
+        self.workers, self.frames, self.size, self.timeout = workers, frames, size, timeout
         self.pool = self._new_pool(workers)
         self.window: deque = deque()
 
@@ -219,31 +224,42 @@ class _Decoders:
         """(item, (sampled, decode seconds) or (None, (error type, message))) of the oldest clip."""
         from concurrent.futures.process import BrokenProcessPool
 
+        from concurrent.futures import TimeoutError as FutureTimeout  # not the builtin before 3.11
+
         item, fut = self.window.popleft()
         try:
-            return item, fut.result()
+            return item, fut.result(timeout=self.timeout)
         except BrokenProcessPool:
-            pass
-        self.pool.shutdown(wait=False, cancel_futures=True)
+            outcome = None
+        except FutureTimeout:  # FIFO: the oldest clip has been decoding at least this long
+            outcome = self._timed_out(item)
+        _stop(self.pool)
         pending = [item] + [it for it, _ in self.window]
         self.window.clear()
-        outcome = self._alone(item)
+        outcome = outcome or self._alone(item)
         self.pool = self._new_pool(self.workers)
         for it in pending[1:]:
             self.submit(it)
         return item, outcome
 
+    def _timed_out(self, item) -> tuple:
+        return None, ("DecodeTimeout", f"{item[0]}: decoding took over {self.timeout:g} s and was stopped (a damaged "
+                                       "file can make FFmpeg loop); check the file, or raise --decode-timeout")
+
     def _alone(self, item):
         """Decode `item` in a pool of its own: a second death names it as the killer."""
+        from concurrent.futures import TimeoutError as FutureTimeout
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._new_pool(1)
         try:
-            return pool.submit(decode_clip, *self._args(item)).result()
+            return pool.submit(decode_clip, *self._args(item)).result(timeout=self.timeout)
         except BrokenProcessPool:
             pass
+        except FutureTimeout:
+            return self._timed_out(item)
         finally:
-            pool.shutdown(wait=False, cancel_futures=True)
+            _stop(pool)
         # The file, or worker processes that cannot run at all? Blaming every clip for the latter
         # would fill the output with error lines that resume then skips.
         pool = self._new_pool(1)
@@ -259,6 +275,18 @@ class _Decoders:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop(pool) -> None:
+    """Shut a pool down without waiting, killing its workers: one may be stuck in FFmpeg (a hung
+    decode), and a broken pool's survivors have nothing left to do."""
+    kill = getattr(pool, "kill_workers", None)  # Python 3.14+
+    if kill is not None:
+        kill()
+    else:  # before 3.14 the executor offers no way to stop a busy worker but its process table
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 @contextmanager
@@ -289,7 +317,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
               device: str = "auto", quant: str | None = None, resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,
-              items=None, retry_failed: bool = False,
+              items=None, retry_failed: bool = False, decode_timeout: float | None = DECODE_TIMEOUT_S,
               desc: str = "batch") -> BatchCounts:
     """Ground every pair not yet in `out_path`; returns what it did (BatchCounts).
 
@@ -301,7 +329,9 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
     a time. At most `workers + 3` clips are in flight, so memory does not grow with the batch.
-    Default: `default_workers()`.
+    Default: `default_workers()`. A clip whose decoding takes over `decode_timeout` seconds (None
+    or 0: no limit) gets an error line and its worker is killed: one damaged file must not hang
+    a batch of thousands.
     """
     from tqdm import tqdm
 
@@ -313,6 +343,8 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
+    if decode_timeout is not None and not decode_timeout >= 0:
+        raise UserError(f"--decode-timeout {decode_timeout}: must be a number of seconds (0: no limit)")
     if items is None:
         items = collect_items(Path(source), query)
     items = _normalize_items(items)
@@ -341,7 +373,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
     # `workers` processes decode ahead while this thread runs the model and writes, in input order.
-    decoders = _Decoders(workers, n, model_input_size(loaded))
+    decoders = _Decoders(workers, n, model_input_size(loaded), decode_timeout or None)
     try:
         with writer, _model_threads(loaded.device, workers):
             it = iter(todo)

@@ -445,3 +445,55 @@ def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
     assert err.count("stg: aborted") + err.count("stg: interrupted") == 1
     assert proc.returncode == 130
+
+
+def _decode_or_hang(video, *args):
+    """A decoder stuck on one file, as FFmpeg can loop on a damaged one; notes its pid first."""
+    if "hang" in os.path.basename(video):
+        with open(os.environ["STG_TEST_PIDS"], "a") as f:
+            f.write(f"{os.getpid()}\n")
+        time.sleep(3600)
+    return _REAL_DECODE(video, *args)
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (gone, or a zombie left for its parent to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc to see the hung worker killed")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_file_that_hangs_the_decoder_times_out_alone(folder, tmp_path, model, monkeypatch, workers):
+    """A decode that never ends hung the whole batch, silently. Now, past --decode-timeout, that
+    clip gets an error line, its stuck worker is killed, and the clips around it are grounded."""
+    from stgcli import batch
+    from stgcli.cli import batch as batch_command
+
+    assert {p.name: p.default for p in batch_command.params}["decode_timeout"] == batch.DECODE_TIMEOUT_S
+    shutil.copy(EXAMPLE, folder / "b_hang.mp4")
+    shutil.copy(EXAMPLE, folder / "c0.mp4")
+    pids = tmp_path / "pids.txt"
+    monkeypatch.setenv("STG_TEST_PIDS", str(pids))
+    monkeypatch.setattr(batch, "decode_clip", _decode_or_hang)
+    out = tmp_path / "h.jsonl"
+    counts = run_batch(folder, out, query="the red circle", model=model, progress=False, workers=workers,
+                       decode_timeout=2)
+    assert counts == (4, 1, 0, 0)
+    docs = lines(out)
+    assert [Path(d["video"]["path"]).name for d in docs] == ["a.mp4", "b.mp4", "b_hang.mp4", "c0.mp4", "c.mp4"]
+    bad = [d for d in docs if d.get("error")]
+    assert len(bad) == 1 and bad[0]["error"]["type"] == "DecodeTimeout"
+    assert "b_hang.mp4: decoding took over 2 s" in bad[0]["error"]["message"]
+    stuck = [int(p) for p in pids.read_text().split()]
+    assert len(stuck) == 1  # timed out once, not decoded again alone for another 2 s
+    deadline = time.time() + 10
+    while not _gone(stuck[0]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert _gone(stuck[0])
+    with pytest.raises(UserError, match="--decode-timeout -1"):
+        run_batch(folder, tmp_path / "x.jsonl", query="the red circle", model=model, progress=False,
+                  decode_timeout=-1)
