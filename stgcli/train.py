@@ -155,7 +155,7 @@ def init_weights(model, src: str | Path) -> None:
 
     from .models.spacevllm import SpaceVLLMForConditionalGeneration
 
-    hf_logging.disable_progress_bar()  # the training bar only
+    hf_logging.disable_progress_bar()  # transformers' loading bar between the training bar's lines
     if not (Path(src) / "model.safetensors").is_file():
         raise UserError(f"{src}: init_from needs a model folder with model.safetensors (a run's model/ folder)")
     try:
@@ -426,8 +426,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     holds an earlier run unless `force`."""
     import torch
     from tqdm import tqdm
+    from transformers.utils import logging as hf_logging
 
     cfg.check()
+    hf_logging.disable_progress_bar()  # transformers' loading and saving bars between the training bar's lines
     out_dir = Path(cfg.out_dir)
     _check_out_dir(out_dir, resume, force)
     if cfg.threads:

@@ -239,3 +239,23 @@ def test_init_from_an_earlier_leg_at_a_larger_input_size(tmp_path):
         init_weights(new_tiny_model(small_cfg(model=wider), 0)[0], src)
     with pytest.raises(UserError, match="init_from needs a model folder"):
         init_weights(model, tmp_path)
+
+
+def test_stg_train_command_output(tmp_path, capsys):
+    """`stg train`: stdout names the model folder; stderr holds the training bar and stg's own lines,
+    not transformers' loading and saving bars (they broke the bar's line on every checkpoint)."""
+    from stgcli.cli import main
+    from tests.test_model import SMALL
+
+    leg1 = tmp_path / "leg1.toml"
+    leg1.write_text(f'[train]\nout_dir = "{(tmp_path / "a").as_posix()}"\nsteps = 2\nbatch_size = 2\nnum_frames = 4\n'
+                    'min_frames = 4\nmax_frames = 4\ndata_workers = 0\ncheckpoint_every = 1\n'
+                    f'model = {json.dumps(SMALL)}\n'.replace('": ', '" = '))
+    leg2 = tmp_path / "leg2.toml"
+    leg2.write_text(leg1.read_text().replace(f'{(tmp_path / "a").as_posix()}"', f'{(tmp_path / "b").as_posix()}"\n'
+                                             f'init_from = "{(tmp_path / "a" / "model").as_posix()}"'))
+    for cfg, out in ((leg1, "a"), (leg2, "b")):
+        main(["train", "--config", str(cfg)])  # returns on success (a user error exits 2)
+        stdout, stderr = capsys.readouterr()
+        assert stdout.strip() == f"model written to {tmp_path / out / 'model'}"
+        assert "train" in stderr and "Writing model shards" not in stderr and "Loading weights" not in stderr
