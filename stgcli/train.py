@@ -44,7 +44,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int = 0                # 0: torch's default
     data_workers: int = 1           # processes drawing clips ahead of the training step
-    max_minutes: float = 0.0        # stop (and save) after this long; 0: no limit
+    max_minutes: float = 0.0        # stop (and save) once trained this long, resumed legs included; 0: no limit
     twin_prob: float = 0.3          # share of clips with a twin of the target (synth.sample_clip)
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
@@ -340,8 +340,9 @@ def _fixed_settings(cfg: TrainConfig) -> dict:
 
 
 def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: list[dict],
-                    config: dict | None = None) -> Path:
-    """Write model + processor (a complete model directory) and the optimizer state; swap atomically."""
+                    config: dict | None = None, elapsed_s: float | None = None) -> Path:
+    """Write model + processor (a complete model directory) and the optimizer state; swap atomically.
+    `elapsed_s` (training time so far) lets a resumed run count max_minutes over all its legs."""
     import shutil
 
     import torch
@@ -355,7 +356,8 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     processor.save_pretrained(tmp)
     # The optimizer state is ours (not a user's download), written and read by this code only.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    state = {"step": step, "log": log, **({"config": config} if config is not None else {})}
+    state = {"step": step, "log": log, **({"config": config} if config is not None else {}),
+             **({"elapsed_s": round(elapsed_s, 1)} if elapsed_s is not None else {})}
     (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
     if ckpt.exists():
         if old.exists():  # stale beside a good checkpoint (a crash after the swap, before its cleanup)
@@ -368,7 +370,8 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
 
 
 def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
-    """(model, processor, step, log, optimizer state) from OUT_DIR/checkpoint, or from checkpoint.old when
+    """(model, processor, step, log, optimizer state, seconds trained) from OUT_DIR/checkpoint, or from
+    checkpoint.old when
     a crash came between the two renames of a checkpoint swap; a broken one is one line, exit 2. With
     `cfg`, a config that changes what the run learns from (anything but RESUMABLE) is refused."""
     import torch
@@ -389,6 +392,8 @@ def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
     try:
         state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
         step, log = int(state["step"]), list(state["log"])
+        # checkpoints from before elapsed_s was saved: the last log record's time is close (at most log_every early)
+        elapsed = float(state.get("elapsed_s", log[-1].get("elapsed_s", 0.0) if log else 0.0))
         saved = state.get("config")
         model = SpaceVLLMForConditionalGeneration.from_pretrained(ckpt)
         processor = SpaceVLLMProcessor.from_pretrained(ckpt)
@@ -404,7 +409,7 @@ def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
             k = changed[0]
             raise UserError(f"{ckpt}: was trained with {k} = {saved.get(k)!r}, this config says {now.get(k)!r}; a "
                             f"resumed run may change only {', '.join(RESUMABLE[1:])} (or start fresh elsewhere)")
-    return model, processor, step, log, opt_state
+    return model, processor, step, log, opt_state, elapsed
 
 
 def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
@@ -434,9 +439,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     _check_out_dir(out_dir, resume, force)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    start, log, opt_state = 0, [], None
+    start, log, opt_state, spent = 0, [], None, 0.0
     if resume:
-        model, processor, start, log, opt_state = _load_checkpoint(out_dir, cfg)
+        model, processor, start, log, opt_state, spent = _load_checkpoint(out_dir, cfg)
+        if cfg.max_minutes and spent >= cfg.max_minutes * 60:
+            raise UserError(f"{out_dir / 'checkpoint'}: this run has trained {spent / 60:.1f} minutes already, "
+                            f"max_minutes is {cfg.max_minutes:g}; raise max_minutes to train on")
     else:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # --force: the earlier run's state goes
             if (out_dir / name).is_dir():
@@ -458,7 +466,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             raise UserError(f"{out_dir / 'checkpoint'}: its optimizer state does not fit this model ({e}); was "
                             "the config changed? Resume with the config that made it") from None
     torch.manual_seed(cfg.seed + start)
-    t0 = time.time()
+    t0 = time.time() - spent  # times (log, max_minutes) count the whole run, earlier legs included
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
                dynamic_ncols=True)
     step = start
@@ -485,10 +493,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         done = step + 1 == cfg.steps
         out_of_time = cfg.max_minutes and (time.time() - t0) > cfg.max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
-            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg))
+            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg), time.time() - t0)
         if out_of_time:
             print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
-                  "continue with --resume and a larger max_minutes", file=sys.stderr)
+                  "continue with --resume and a larger max_minutes (it counts every leg)", file=sys.stderr)
             break
     final = out_dir / "model"
     model.save_pretrained(final, safe_serialization=True)
