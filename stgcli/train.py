@@ -151,11 +151,9 @@ def init_weights(model, src: str | Path) -> None:
     size goes on at a larger one. Any other difference in shape is refused: it is another model."""
     import torch
     import torch.nn.functional as F
-    from transformers.utils import logging as hf_logging
 
     from .models.spacevllm import SpaceVLLMForConditionalGeneration
 
-    hf_logging.disable_progress_bar()  # transformers' loading bar between the training bar's lines
     if not (Path(src) / "model.safetensors").is_file():
         raise UserError(f"{src}: init_from needs a model folder with model.safetensors (a run's model/ folder)")
     try:
@@ -357,7 +355,7 @@ def save_checkpoint(model, processor, optimizer, step: int, out_dir: Path, log: 
     # The optimizer state is ours (not a user's download), written and read by this code only.
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     state = {"step": step, "log": log, **({"config": config} if config is not None else {}),
-             **({"elapsed_s": round(elapsed_s, 1)} if elapsed_s is not None else {})}
+             **({"elapsed_s": round(elapsed_s, 3)} if elapsed_s is not None else {})}
     (tmp / "trainer_state.json").write_text(json.dumps(state) + "\n")
     if ckpt.exists():
         if old.exists():  # stale beside a good checkpoint (a crash after the swap, before its cleanup)
@@ -480,9 +478,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        elapsed = time.time() - t0
         rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
                "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
-               "elapsed_s": round(time.time() - t0, 1)}
+               "elapsed_s": round(elapsed, 1)}
         if out.point_loss is not None:
             rec["point"] = round(out.point_loss.item(), 4)
         if out.attr_loss is not None:
@@ -491,9 +490,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         if (step + 1) % cfg.log_every == 0:
             log.append(rec)
         done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes and (time.time() - t0) > cfg.max_minutes * 60
+        out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
         if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
-            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg), time.time() - t0)
+            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg), elapsed)
         if out_of_time:
             print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
                   "continue with --resume and a larger max_minutes (it counts every leg)", file=sys.stderr)
