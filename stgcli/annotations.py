@@ -97,13 +97,21 @@ class _Where:
         return int(v)
 
 
-def _read_json(path: Path) -> Any:
+def _check_file(path: Path) -> None:
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; --annotations takes the annotation file")
     if not path.is_file():
         raise UserError(f"{path}: no such annotation file")
+
+
+def _read_json(path: Path) -> Any:
+    _check_file(path)
     try:
         return json.loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark is fine
     except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+        # JSON Lines (stg synth's manifest) stops at line 2 with "Extra data"
+        hint = "; a JSON Lines file (one object per line) is --format stg" if e.msg == "Extra data" else ""
+        raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}){hint}") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; pass the JSON annotation file") from None
 
@@ -269,8 +277,7 @@ def load_stg(path: str | os.PathLike[str]) -> list[Sample]:
     """What `stg synth` writes: manifest.jsonl, one {video, query, span_frames, boxes, ...} per line."""
     p = Path(path)
     w = _Where(p, "stg")
-    if not p.is_file():
-        raise UserError(f"{p}: no such annotation file")
+    _check_file(p)
     samples = []
     try:
         text = p.read_text(encoding="utf-8-sig")

@@ -17,9 +17,9 @@ import time
 from collections import deque
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple
+from typing import Mapping, NamedTuple, Sequence
 
-from .errors import UserError
+from .errors import NO_SPACE, UserError
 from .pipeline import normalize_query
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg"}
@@ -34,10 +34,20 @@ def _manifest_text(path: Path) -> str:
         raise UserError(f"{path}: line {line}: not UTF-8 text; save the manifest as UTF-8") from None
 
 
+def _csv_delimiter(text: str) -> str:
+    """"," unless the header names video and query with ";" (a spreadsheet in a locale whose decimal
+    mark is the comma saves CSV that way) or a tab between them."""
+    head = text.split("\n", 1)[0]
+    for sep in (",", ";", "\t"):
+        if {"video", "query"} <= {c.strip() for c in next(csv.reader([head], delimiter=sep), [])}:
+            return sep
+    return ","
+
+
 def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
     text = _manifest_text(path)
-    if path.suffix.lower() == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
+    if path.suffix.lower() in (".csv", ".tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=_csv_delimiter(text))
         missing = {"video", "query"} - set(reader.fieldnames or [])
         if missing:
             raise UserError(f"{path}: line 1: missing column(s) {', '.join(sorted(missing))}; "
@@ -58,18 +68,30 @@ def _manifest_rows(path: Path) -> list[tuple[int, dict]]:
     return rows
 
 
-def collect_items(source: Path, query: str | None) -> list[tuple]:
-    """(video path, query) pairs from a folder + --query, or from a JSONL/CSV manifest; a manifest's
-    pairs carry where they came from ("manifest.jsonl: line 7") for their error messages."""
+def collect_items(source: Path, query: str | Sequence[str] | None) -> list[tuple]:
+    """(video path, query) pairs from a folder + one or more queries (every video with every query),
+    or from a JSONL/CSV manifest; a manifest's pairs carry where they came from ("manifest.jsonl:
+    line 7") for their error messages."""
     if not source.exists():
+        from .video import not_a_url
+
+        not_a_url(source)
         raise UserError(f"{source}: no such file or folder")
-    if source.is_dir():
-        if not query or not query.strip():
-            raise UserError(f"{source}: a folder needs --query \"...\" (or pass a manifest with a query per video)")
-        videos = sorted(p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    queries = [query] if isinstance(query, str) else list(query or [])
+    one_video = source.is_file() and source.suffix.lower() in VIDEO_EXTENSIONS
+    if source.is_dir() or one_video:
+        queries = list(dict.fromkeys(normalize_query(q) for q in queries))
+        if not queries or not all(queries):
+            what = "a video" if one_video else "a folder"
+            raise UserError(f"{source}: {what} needs --query \"...\" (or pass a manifest with a query per video)")
+        videos = [source] if one_video else sorted(
+            p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
         if not videos:
             raise UserError(f"{source}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
-        return [(str(p), normalize_query(query)) for p in videos]
+        return [(str(p), q) for p in videos for q in queries]
+    if queries:
+        raise UserError(f"{source}: a manifest gives each video its own query; --query is for a folder of videos "
+                        "or one video")
     items = []
     for line_no, row in _manifest_rows(source):
         for col in ("video", "query"):
@@ -148,10 +170,10 @@ def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | N
 
 
 def _worker_init(parent: int) -> None:
-    """Worker process: leave Ctrl-C to the batch process (which stops the pool; otherwise every
-    idle worker prints a KeyboardInterrupt traceback), and exit when the batch process is gone
-    (a kill -9 leaves no one to shut the pool down, and a worker waiting for work would wait
-    forever). POSIX hands an orphan to a new parent; Windows does not, but the parent's sentinel
+    """Worker process: leave Ctrl-C and SIGTERM to the batch process (which stops the pool;
+    otherwise every idle worker prints a KeyboardInterrupt traceback), and exit when the batch
+    process is gone (a kill -9 leaves no one to shut the pool down, and a worker waiting for work
+    would wait forever). POSIX hands an orphan to a new parent; Windows does not, but the parent's sentinel
     closes with it."""
     import multiprocessing
     import signal
@@ -159,6 +181,9 @@ def _worker_init(parent: int) -> None:
     from multiprocessing.connection import wait
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # SIGTERM to the whole group (a job scheduler's) too: a worker dead first would look like a
+    # decoder crash and blame its clip; the batch process stops the pool, or the watch below ends it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     me = multiprocessing.parent_process()
 
     def watch():
@@ -277,6 +302,48 @@ class _Decoders:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
+def check_out_matches(out: Path, loaded, frames: int | None = None, hint: str = "") -> None:
+    """Refuse to resume into a file another model (or setting) wrote: its pairs would count as done,
+    so the model asked for would never run on them, and its lines would pass for this model's.
+    `hint`: what else the caller offers, after "choose another --out"."""
+    from .result import read_jsonl
+
+    if not out.exists():
+        return
+    n_frames = frames or loaded.default_frames
+    for r in read_jsonl(out).records:
+        m = r.get("model") if isinstance(r, Mapping) else None
+        if isinstance(m, Mapping) and (m.get("name"), m.get("sha256")) != (loaded.name, loaded.sha256):
+            which = (f"model {m.get('name')!r}, not {loaded.name!r}" if m.get("name") != loaded.name else
+                     f"other weights of model {loaded.name!r} (sha256 {str(m.get('sha256'))[:12]}, not "
+                     f"{str(loaded.sha256)[:12]})")
+            raise UserError(f"{out}: holds predictions of {which}; choose another --out{hint}")
+        if isinstance(m, Mapping) and m.get("quantization", loaded.quantization) != loaded.quantization:
+            raise UserError(f"{out}: holds predictions made with --quant {m.get('quantization')}, not "
+                            f"{loaded.quantization}; choose another --out{hint}")
+        sampling = r.get("sampling") if isinstance(r, Mapping) else None
+        idx = sampling.get("frame_indices") if isinstance(sampling, Mapping) else None
+        if isinstance(idx, list) and idx and all(isinstance(i, int) for i in idx):
+            # A window shorter than --frames yields fewer samples; more samples, or fewer from a window
+            # that held enough frames, mean another --frames made this line.
+            if len(idx) > n_frames or (len(idx) < n_frames and max(idx) - min(idx) + 1 >= n_frames):
+                raise UserError(f"{out}: holds predictions made with --frames {len(idx)}, not {n_frames}; choose "
+                                f"another --out{hint}")
+        # Lines written before span decoding was selectable were free text.
+        mode = r.get("span_decoding", "text") if isinstance(r, Mapping) and isinstance(m, Mapping) else None
+        if mode is not None and mode != loaded.span_decoding:
+            raise UserError(f"{out}: holds predictions decoded with --span-decoding {mode}, not "
+                            f"{loaded.span_decoding}; choose another --out{hint}")
+
+
+def _cannot_append(out_path: Path, video: str, e: OSError) -> UserError:
+    """One line for a result that could not be written (a full disk): the lines already in the file
+    stay whole (append rolls a failed one back), and a rerun resumes after them."""
+    why = f"no space left on its disk ({e.strerror})" if e.errno in NO_SPACE else (e.strerror or str(e))
+    return UserError(f"{out_path}: cannot write the result of {video}: {why}; the lines already in it are "
+                     "whole: free some space and run the same command again, it resumes after them")
+
+
 def _stop(pool) -> None:
     """Shut a pool down without waiting, killing its workers: one may be stuck in FFmpeg (a hung
     decode), and a broken pool's survivors have nothing left to do."""
@@ -313,22 +380,24 @@ class BatchCounts(NamedTuple):
     failed_earlier: int = 0
 
 
-def run_batch(source: Path | None, out_path: Path, query: str | None = None, model=None, frames: int | None = None,
-              device: str = "auto", quant: str | None = None, resume: bool = True,
+def run_batch(source: Path | None, out_path: Path, query: str | Sequence[str] | None = None, model=None,
+              frames: int | None = None, device: str = "auto", quant: str | None = None, resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,
               items=None, retry_failed: bool = False, decode_timeout: float | None = DECODE_TIMEOUT_S,
               desc: str = "batch") -> BatchCounts:
     """Ground every pair not yet in `out_path`; returns what it did (BatchCounts).
 
-    Pairs come from `source` (folder + `query`, or a manifest), or, for library callers such
-    as `stg eval`, from `items`: (video, query) or (video, query, start_s, end_s) tuples, the
-    window limiting where the model looks. Either way a pair is identified by (video, query):
+    Pairs come from `source` (a folder + `query`, one or several, or a manifest), or, for library
+    callers such as `stg eval`, from `items`: (video, query) or (video, query, start_s, end_s)
+    tuples, the window limiting where the model looks. Either way a pair is identified by (video, query):
     that is what resume skips, and the first window given for a pair is the one used. A pair whose
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
-    a time. At most `workers + 3` clips are in flight, so memory does not grow with the batch.
+    a time. At most `workers + 3` clips are in flight, so memory does not grow with the batch. A
+    clip with several queries (the same file and window) is decoded once and its lines are written
+    together, where its first pair stands in the input.
     Default: `default_workers()`. A clip whose decoding takes over `decode_timeout` seconds (None
     or 0: no limit) gets an error line and its worker is killed: one damaged file must not hang
     a batch of thousands.
@@ -351,6 +420,9 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     if out_path.exists() and not resume:
         raise UserError(f"{out_path}: exists; with --no-resume choose a new --out (stg never overwrites results)")
     writer = JsonlWriter(out_path)
+    if writer.unlocked:
+        print(f"stg: note: {out_path}: its file system cannot lock files, so nothing stops a second batch from "
+              "writing to it at the same time: run one at a time", file=sys.stderr)
     if writer.repaired:
         print(f"stg: note: {out_path}: removed an unfinished last line (an interrupted run); its clip is "
               "grounded again", file=sys.stderr)
@@ -368,45 +440,63 @@ def run_batch(source: Path | None, out_path: Path, query: str | None = None, mod
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
                                                                      span_decoding=span_decoding)
+    if writer.keys():
+        check_out_matches(out_path, loaded, frames)
     n_ok = n_failed = 0
     n = frames if frames is not None else loaded.default_frames
     bar = tqdm(total=len(todo), desc=desc, unit="clip", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    # `workers` processes decode ahead while this thread runs the model and writes, in input order.
+    # `workers` processes decode ahead while this thread runs the model and writes. A clip asked about
+    # several times (one video, several queries: VidSTG has about ten sentences per video) is
+    # decoded once, and its pairs are grounded one after the other.
+    clips: dict[tuple, list] = {}
+    for item in todo:
+        clips.setdefault((_file_key(item[0]), item[2], item[3]), []).append(item)
     decoders = _Decoders(workers, n, model_input_size(loaded), decode_timeout or None)
+    in_flight: deque = deque()  # the pairs of each clip in the decoders' window, in the same order
+
+    def submit(pairs: list) -> None:
+        decoders.submit(pairs[0])
+        in_flight.append(pairs)
+
     try:
         with writer, _model_threads(loaded.device, workers):
-            it = iter(todo)
-            for item in it:  # keep a few clips in flight, never more
-                decoders.submit(item)
+            it = iter(clips.values())
+            for pairs in it:  # keep a few clips in flight, never more
+                submit(pairs)
                 if len(decoders) >= workers + 2:
                     break
             while len(decoders):
-                item, (sampled, got) = decoders.next()
+                _, (sampled, got) = decoders.next()
+                pairs = in_flight.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
-                    decoders.submit(nxt)
-                t0 = time.perf_counter()
-                prep = None
-                if sampled is None:
-                    kind, message = got
-                else:
+                    submit(nxt)
+                for k, item in enumerate(pairs):
+                    t0 = time.perf_counter()
+                    prep = None
+                    if sampled is None:
+                        kind, message = got
+                    else:
+                        try:  # the decode's time goes to the clip's first pair: summed, the lines add up
+                            prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0)
+                        except Exception as e:  # noqa: BLE001 - as a decoding error: this pair's line, not the end
+                            kind, message = type(e).__name__, str(e)
+                    if prep is None:
+                        text = f"{item[4]}: {message}" if item[4] else message
+                        res, ok = error_result(item[0], item[1], kind, text), False
+                    else:
+                        res, ok = ground_prepared(loaded, prep, item[0]), True
+                    n_ok += ok
+                    n_failed += not ok
+                    if not ok and progress:
+                        bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
                     try:
-                        prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got)
-                    except Exception as e:  # noqa: BLE001 - as a decoding error: this clip's line, not the batch's end
-                        kind, message = type(e).__name__, str(e)
-                if prep is None:
-                    message = f"{item[4]}: {message}" if item[4] else message
-                    res, ok = error_result(item[0], item[1], kind, message), False
-                else:
-                    res, ok = ground_prepared(loaded, prep, item[0]), True
-                n_ok += ok
-                n_failed += not ok
-                if not ok and progress:
-                    bar.write(f"stg: error: {res.error.message}", file=sys.stderr)
-                writer.append(res, retry=retry_failed)
-                bar.update(1)
+                        writer.append(res, retry=retry_failed)
+                    except OSError as e:  # a full disk mid-batch: what is written stays whole (append rolls back)
+                        raise _cannot_append(out_path, item[0], e) from None
+                    bar.update(1)
     finally:
         decoders.close()
-    bar.close()
+        bar.close()  # before any error line, which would otherwise land on the bar's line
     return BatchCounts(n_ok, n_failed, skipped, failed_earlier)

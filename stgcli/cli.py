@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import UserError
+from .errors import NO_SPACE, UserError
 
 
 class _State:
@@ -33,12 +33,72 @@ def cli(debug: bool) -> None:
     _State.debug = debug
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, `timeout`, a job scheduler, `docker stop`) raised in the main thread, so it
+    unwinds like Ctrl-C: part files removed, decoding workers stopped, the batch file whole. By
+    default Python dies on SIGTERM without running any cleanup. A KeyboardInterrupt, not an
+    Exception, so no `except Exception` (a clip's error line) can swallow it."""
+
+
+def _terminated() -> None:
+    click.echo("stg: terminated", err=True)
+    sys.exit(143)  # 128 + SIGTERM, as a shell reports a process it ended
+
+
+def _on_sigterm(owner: int):
+    import os
+    import signal
+
+    def handler(signum, frame):
+        if os.getpid() != owner:  # a forked child (a data loader's worker): die as it would have
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        raise Terminated()
+
+    return handler
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps library errors to exit codes."""
+    import os
+    import signal
+    import threading
+
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm(os.getpid()))
+    restore = _stdout_passes_file_names()
+    try:
+        _run(argv, debug)
+    finally:
+        restore()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _stdout_passes_file_names():
+    """A file name that is not UTF-8 (POSIX allows any bytes) reaches Python as lone surrogates, and a
+    strict stdout raised on printing it. Now it prints as its own bytes, as `ls` prints it. Returns
+    the undo."""
+    out = sys.stdout
+    errors = getattr(out, "errors", None)
+    if errors != "strict" or not hasattr(out, "reconfigure"):
+        return lambda: None
+    try:
+        out.reconfigure(errors="surrogateescape")
+    except (ValueError, OSError):  # io.UnsupportedOperation is both
+        return lambda: None
+    return lambda: out.reconfigure(errors=errors)
+
+
+def _run(argv: list[str] | None, debug: bool) -> None:
     try:
         cli.main(args=argv, prog_name="stg", standalone_mode=False)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as e:  # click turns KeyboardInterrupt into Abort
+        if isinstance(e.__cause__, Terminated):
+            _terminated()
         click.echo("stg: aborted", err=True)
         sys.exit(130)
     except click.exceptions.Exit as e:
@@ -52,9 +112,16 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         _fail(str(e), e.exit_code)
+    except Terminated:
+        _terminated()
     except KeyboardInterrupt:
         click.echo("stg: interrupted", err=True)
         sys.exit(130)
+    except OSError as e:  # a full disk where no output path wraps it (a training checkpoint, ...)
+        if e.errno not in NO_SPACE or debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}no space left on the disk ({e.strerror}); free some space and run again", 2)
 
 
 
@@ -101,8 +168,8 @@ def _summary(res) -> str:
         n_model = sum(1 for t in res.track if t.source == "model")
         lines.append(f"  span   {s.start_s:.2f}s - {s.end_s:.2f}s  (frames {s.start_frame}-{s.end_frame} of "
                      f"{v.num_frames})")
-        lines.append(f"  boxes  {len(res.track)} frames ({n_model} from the model, "
-                     f"{len(res.track) - n_model} interpolated)")
+        n = len(res.track)
+        lines.append(f"  boxes  {n} frame{'s' * (n != 1)} ({n_model} from the model, {n - n_model} interpolated)")
         mid = res.track[len(res.track) // 2]
         x1, y1, x2, y2 = mid.xyxy
         lines.append(f"  e.g.   frame {mid.frame}: [{x1:.0f}, {y1:.0f}, {x2:.0f}, {y2:.0f}] score {mid.score:.2f}")
@@ -136,7 +203,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 
     check_query(query)
     check_frames(frames)
-    check_video_path(video)
+    check_video_path(video, start_s, end_s)
     for p, opt in ((out_path, "--out"), (render_path, "--render")):  # before the model runs, not after
         if p is not None:
             check_output_path(p, force, opt, source=video)
@@ -152,7 +219,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
         from .render import render as draw
 
         notes: list[str] = []
-        draw(video, res, render_path, notes=notes)
+        draw(video, res, render_path, notes=notes, progress=True)
         _echo_notes(notes)
     if as_json:
         click.echo(res.to_json(indent=2))
@@ -167,7 +234,9 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 @click.argument("source", type=click.Path(path_type=Path))
 @click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="JSONL output; one stg.grounding/v1 line per (video, query). Appended to, never rewritten.")
-@click.option("--query", default=None, help="One query for every video of a folder.")
+@click.option("--query", "queries", multiple=True,
+              help="The query for every video of SOURCE (a folder, or one video); repeat it to ask several "
+                   "(each video is decoded once).")
 @_model_options
 @click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4",
               help="Processes decoding clips ahead of the one in the model.")
@@ -178,14 +247,14 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 @click.option("--retry-failed", is_flag=True,
               help="Ground again the pairs whose line in --out is an error; the new line supersedes it.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
-def batch(source: Path, out_path: Path, query, model_name, frames, device, quant, span_decoding, workers,
+def batch(source: Path, out_path: Path, queries, model_name, frames, device, quant, span_decoding, workers,
           decode_timeout, resume, retry_failed, allow_pickle) -> None:
-    """Ground many clips: SOURCE is a folder (with --query) or a JSONL/CSV manifest of video,query."""
+    """Ground many clips: SOURCE is a folder or a video (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
     from .result import check_output_path
 
     check_output_path(out_path, force=True)  # appended to when it exists; a folder or unwritable place is not
-    counts = run_batch(source, out_path, query=query, model=model_name, frames=frames, device=device,
+    counts = run_batch(source, out_path, query=list(queries) or None, model=model_name, frames=frames, device=device,
                        quant=quant, resume=resume, workers=workers, allow_pickle=allow_pickle,
                        span_decoding=span_decoding, retry_failed=retry_failed, decode_timeout=decode_timeout)
     earlier = (f" ({counts.failed_earlier} of them failed in an earlier run; --retry-failed grounds those "
@@ -209,19 +278,20 @@ def render(video: Path, result: Path, out_path, overlay, force) -> None:
     import json
 
     from .render import parse_overlays, render as run
-    from .result import GroundingResult, check_output_path
+    from .result import GroundingResult, check_output_path, check_result_path
 
     overlays = parse_overlays(overlay)
-    if not result.is_file():
-        raise UserError(f"{result}: no such result file; write one with `stg ground VIDEO QUERY --out {result}`")
+    check_result_path(result, f"write one with `stg ground VIDEO QUERY --out {result}`")
     try:
         res = GroundingResult.from_dict(json.loads(result.read_text()))
+    except OSError as e:
+        raise UserError(f"{result}: cannot read it ({e.strerror or e})") from None
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{result}: not a stg.grounding/v1 document ({e})") from None
     out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
     check_output_path(out_path, force, source=video)
     notes: list[str] = []
-    run(video, res, out_path, overlays, notes=notes)
+    run(video, res, out_path, overlays, notes=notes, progress=True)
     _echo_notes(notes)
     click.echo(f"wrote {out_path}")
 
@@ -255,8 +325,6 @@ def synth(out_dir: Path, n: int, seed: int) -> None:
 
     if n < 1:
         raise UserError(f"--n {n}: must be at least 1")
-    if out_dir.exists() and (out_dir / "manifest.jsonl").exists():
-        raise UserError(f"{out_dir}: already holds a manifest.jsonl; choose an empty folder")
     manifest = synth_dataset(out_dir, n, seed=seed)
     click.echo(f"wrote {n} clips and {manifest}")
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from .annotations import FORMATS, Sample, load_annotations
-from .batch import VIDEO_EXTENSIONS
+from .batch import VIDEO_EXTENSIONS, check_out_matches
 from .errors import UserError
 from .pipeline import normalize_query
 from .metrics import pred_span, score_sample, summarize, tubedetr_frames
@@ -194,36 +194,6 @@ def metrics_of(scores: Sequence[SampleScore]) -> dict[str, float | int]:
 # ---------------------------------------------------------------------------------- running
 
 
-def _check_out_model(out: Path, loaded, frames: int | None = None) -> None:
-    """Refuse to resume into a file another model (or setting) wrote: its lines would be scored as ours."""
-    from .result import read_jsonl
-
-    if not out.exists():
-        return
-    n_frames = frames or loaded.default_frames
-    for r in read_jsonl(out).records:
-        m = r.get("model") if isinstance(r, Mapping) else None
-        if isinstance(m, Mapping) and (m.get("name"), m.get("sha256")) != (loaded.name, loaded.sha256):
-            raise UserError(f"{out}: holds predictions of model {m.get('name')!r}, not {loaded.name!r}; "
-                            "choose another --out (or --predictions to score that file)")
-        if isinstance(m, Mapping) and m.get("quantization", loaded.quantization) != loaded.quantization:
-            raise UserError(f"{out}: holds predictions made with --quant {m.get('quantization')}, not "
-                            f"{loaded.quantization}; choose another --out (or --predictions to score that file)")
-        sampling = r.get("sampling") if isinstance(r, Mapping) else None
-        idx = sampling.get("frame_indices") if isinstance(sampling, Mapping) else None
-        if isinstance(idx, list) and idx and all(isinstance(i, int) for i in idx):
-            # A window shorter than --frames yields fewer samples; more samples, or fewer from a window
-            # that held enough frames, mean another --frames made this line.
-            if len(idx) > n_frames or (len(idx) < n_frames and max(idx) - min(idx) + 1 >= n_frames):
-                raise UserError(f"{out}: holds predictions made with --frames {len(idx)}, not {n_frames}; choose "
-                                "another --out (or --predictions to score that file)")
-        # Lines written before span decoding was selectable were free text.
-        mode = r.get("span_decoding", "text") if isinstance(r, Mapping) and isinstance(m, Mapping) else None
-        if mode is not None and mode != loaded.span_decoding:
-            raise UserError(f"{out}: holds predictions decoded with --span-decoding {mode}, not "
-                            f"{loaded.span_decoding}; choose another --out (or --predictions to score that file)")
-
-
 def _plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -294,7 +264,7 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
                                                                          span_decoding=span_decoding,
                                                                          allow_pickle=allow_pickle)
         pred_path = Path(out) if out is not None else Path(f"{Path(annotations).stem}.preds.jsonl")
-        _check_out_model(pred_path, loaded, frames)
+        check_out_matches(pred_path, loaded, frames, " (or --predictions to score that file)")
         items = []
         for s in samples:
             if s.video in found:

@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UserError
-from .result import ResultError, check_output_path, latest_per_pair, read_jsonl_lines, validate, write_text_atomic
+from .result import (ResultError, check_output_path, check_result_path, latest_per_pair, read_jsonl_lines, validate,
+                     write_text_atomic)
 
 FORMATS = ("mot", "csv")
 CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "score", "source")
@@ -23,9 +24,7 @@ CSV_COLUMNS = ("video", "query", "frame", "time_s", "x1", "y1", "x2", "y2", "sco
 
 def load_results(path: str | os.PathLike) -> tuple[list[dict[str, Any]], list[str]]:
     """stg.grounding/v1 documents from a RESULT.json or a batch results.jsonl, plus warnings."""
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: no such result file; write one with `stg ground ... --out` or `stg batch`")
+    p = check_result_path(path, "write one with `stg ground ... --out` or `stg batch`")
     warnings = []
     if p.suffix.lower() == ".jsonl":
         numbered, torn = read_jsonl_lines(p)

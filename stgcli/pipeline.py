@@ -35,11 +35,13 @@ def check_frames(frames: int | None) -> None:
         raise UserError(f"--frames {frames}: must be at least 1")
 
 
-def check_video_path(video: str | os.PathLike) -> None:
-    """The mistakes worth catching before a model load (missing, a folder, empty)."""
-    from .video import check_path
+def check_video_path(video: str | os.PathLike, start_s: float | None = None,
+                     end_s: float | None = None) -> None:
+    """The mistakes worth catching before a model load (missing, a folder, empty, a reversed window)."""
+    from .video import check_path, check_window
 
     check_path(video)
+    check_window(video, start_s, end_s)
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
@@ -196,7 +198,7 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     t0 = time.perf_counter()
     query = check_query(query)
     check_frames(frames)
-    check_video_path(video)  # cheap mistakes first, before a model load
+    check_video_path(video, start_s, end_s)  # cheap mistakes first, before a model load
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
                                                                      span_decoding=span_decoding)
@@ -214,8 +216,10 @@ def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | No
     warnings.extend(prep["sampled"].warnings)
     limit = getattr(loaded.model.config.text_config, "max_position_embeddings", None)
     if limit and len(prep["ids"]) > limit:
+        per_frame = len(prep["ids"]) / len(prep["sampled"].indices)  # the sentence's share included: a safe bound
         warnings.append(f"the prompt has {len(prep['ids'])} tokens, more than the {limit} positions model "
-                        f"'{loaded.name}' was built for; its answer is unreliable: use fewer --frames")
+                        f"'{loaded.name}' was built for; its answer is unreliable: use fewer --frames "
+                        f"(at most about {max(1, int(limit / per_frame))} here)")
     text, boxes, scores, model_s = run_model(loaded, prep)
     timing = {"decode": prep["decode_s"], "model": model_s}
     if t0 is not None:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
+from .result import cannot_write, part_file
 
 OVERLAYS = ("box", "label", "trace", "timeline")
 _TB = Fraction(1, 90000)  # the MPEG clock: exact for 24, 25, 30 and the NTSC rates
@@ -49,8 +50,12 @@ class TimelineAnnotator:
 def parse_overlays(spec: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in spec.split(",") if x.strip())
     bad = [n for n in names if n not in OVERLAYS]
-    if bad or not names:
-        raise UserError(f"--overlay {spec!r}: choose from {','.join(OVERLAYS)}")
+    choices = ",".join(OVERLAYS)
+    if not names:
+        raise UserError(f"--overlay {spec!r}: names no overlay; choose from {choices}")
+    if bad:
+        raise UserError(f"--overlay {spec!r}: unknown overlay {bad[0]!r}{did_you_mean(bad[0], OVERLAYS)}; "
+                        f"choose from {choices}")
     return names
 
 
@@ -66,12 +71,16 @@ def check_result_fits(video, info, result) -> None:
 
 
 def render(video: str | os.PathLike, result, out: str | os.PathLike,
-           overlays: tuple[str, ...] = OVERLAYS, notes: list[str] | None = None) -> Path:
+           overlays: tuple[str, ...] = OVERLAYS, notes: list[str] | None = None, progress: bool = False) -> Path:
     """Write `out` (H.264/yuv420p MP4): `video` with `result`'s track drawn on it. Atomic.
-    What the user should know but is no error (audio left out) is appended to `notes`."""
+    What the user should know but is no error (audio left out) is appended to `notes`. `progress`:
+    a frame bar on stderr (every frame is decoded and encoded again: minutes for a long video)."""
+    import sys
+
     import av
     import cv2
     import supervision as sv
+    from tqdm import tqdm
 
     from .video import iter_frames, probe
 
@@ -86,11 +95,14 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
     trace_ann = sv.TraceAnnotator(color=colour, trace_length=max(2, len(track)), thickness=2)
     timeline = TimelineAnnotator(info.duration_s, (span.start_s, span.end_s) if span else None)
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e) from None
     tmp = out.with_name(f".{out.name}.part.mp4")
     # yuv420p needs even sizes: odd ones are padded by one pixel (right/bottom) rather than cropped.
     w2, h2 = info.width + info.width % 2, info.height + info.height % 2
-    try:
+    with part_file(out, tmp):  # a full disk mid-encode: one line, and the part file goes
         # +faststart: the index goes before the pictures, so a browser plays while it downloads
         with av.open(str(tmp), "w", format="mp4", container_options={"movflags": "+faststart"}) as dst:
             vs = dst.add_stream("libx264", rate=Fraction(info.fps).limit_denominator(1001))
@@ -101,7 +113,9 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
             vs.options = {"crf": "20", "preset": "veryfast"}
             audio = _Audio(video, dst, info.start_s)  # every stream must exist before the first packet is written
             last_pts = -1
-            for idx, t, rgb in iter_frames(video):
+            frames = tqdm(iter_frames(video), total=info.num_frames, desc="render", unit="frame", file=sys.stderr,
+                          disable=not progress, dynamic_ncols=True, leave=False)  # closed when the loop ends
+            for idx, t, rgb in frames:
                 scene = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
                 entry = track.get(idx)
                 if entry is not None:
@@ -129,10 +143,6 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
             audio.write()
             if audio.note and notes is not None:
                 notes.append(audio.note)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return out
 
 

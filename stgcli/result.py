@@ -18,8 +18,10 @@ import functools
 import json
 import math
 import os
+import re
 import tempfile
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -27,7 +29,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping, NamedTuple, Seque
 
 import numpy as np
 
-from .errors import UserError
+from .errors import NO_SPACE, UserError
 
 SCHEMA_ID = "stg.grounding/v1"
 SCHEMA_RESOURCE = "schemas/grounding-v1.schema.json"
@@ -646,8 +648,16 @@ def validate(doc: Mapping[str, Any] | GroundingResult, *, semantic: bool = True)
 # writers
 
 
+# A file name that is not valid UTF-8 (legal on POSIX) reaches Python as lone surrogates
+# (surrogateescape), which UTF-8 cannot encode.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _dumps(obj: Any, indent: int | None = None) -> str:
-    return json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+    """JSON text, UTF-8 kept as is; a lone surrogate is written as its \\u escape, so such a file
+    name survives the round trip (json.loads gives it back, and os.fsencode the file's bytes)."""
+    text = json.dumps(obj, ensure_ascii=False, allow_nan=False, indent=indent)
+    return _SURROGATE.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
 
 
 def _as_dict(obj: Any) -> Any:
@@ -674,6 +684,35 @@ def _fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def commit_file(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> None:
+    """Put a finished temp file (same folder) in place of `target`: its data fsynced, then an
+    atomic rename, then the folder fsynced, so neither a crash nor a power loss leaves a part file
+    under the target's name."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, target)
+    _fsync_dir(Path(target).parent)
+
+
+@contextmanager
+def part_file(target: str | os.PathLike[str], tmp: str | os.PathLike[str]) -> Iterator[None]:
+    """For an output another library writes (an encoder's MP4): the body writes `tmp` (same
+    folder), which then takes `target`'s place (commit_file). An OS error on the way (a full disk)
+    is one line naming `target`, unless it names another file (an input's); `tmp` never stays."""
+    try:
+        yield
+        commit_file(tmp, target)
+    except OSError as e:
+        if getattr(e, "filename", None) not in (None, str(tmp)):
+            raise
+        raise cannot_write(target, e) from None
+    finally:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _new_file_mode(path: Path) -> int:
@@ -707,14 +746,14 @@ def write_json_atomic(path: str | os.PathLike[str], obj: Any, *, indent: int | N
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """`write_bytes_atomic` of the UTF-8 text."""
-    return write_bytes_atomic(path, text.encode("utf-8"))
+    return write_bytes_atomic(path, text.encode("utf-8", "surrogateescape"))  # a non-UTF-8 file name: its bytes
 
 
 def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
     """Readers see the old file or the whole new one: a temp file in the target's directory
     (same filesystem, so the rename is atomic) is fsynced and `os.replace`d over the target,
-    then the directory is fsynced. On failure the temp file goes and the old target stays.
-    Parent directories are created.
+    then the directory is fsynced. On failure the temp file goes and the old target stays; an OS
+    error (a full disk) comes as a ResultError naming the target. Parent directories are created.
     """
     target = Path(path)
     try:
@@ -731,19 +770,35 @@ def write_bytes_atomic(path: str | os.PathLike[str], data: bytes) -> Path:
             os.close(fd)
         os.chmod(tmp, mode)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(e, OSError):  # a full disk, a quota, an I/O error: the old file is still there
+            raise cannot_write(target, e) from None
         raise
     _fsync_dir(target.parent)
     return target
 
 
-def cannot_write(path: Path, e: OSError) -> ResultError:
+def check_result_path(path: str | os.PathLike[str], hint: str) -> Path:
+    """A result file to read: a missing path and a folder are the user's to fix (`hint`: how to
+    make one)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ResultError(f"{p}: is a folder; pass a result file (stg ground's .json or stg batch's .jsonl)")
+    if not p.is_file():
+        raise ResultError(f"{p}: no such result file; {hint}")
+    return p
+
+
+def cannot_write(path: str | os.PathLike[str], e: OSError) -> ResultError:
     """An output the system refuses (permissions, a file where a folder should be, a full disk):
     the user's to fix, so one line and exit 2, not a traceback."""
+    if e.errno in NO_SPACE:
+        return ResultError(f"{path}: cannot write there: no space left on its disk ({e.strerror}); free some "
+                           "space or choose another output path")
     return ResultError(f"{path}: cannot write there ({e.strerror or e}); choose another output path")
 
 
@@ -902,6 +957,7 @@ class JsonlWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         self.repaired = False  # True when a torn last line was truncated on open
+        self.unlocked = False  # True on a file system that cannot lock files (some network mounts)
         self._keys: dict[tuple[str, str], bool] = {}  # key -> its last record is an error
         self._lock = threading.Lock()
         flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_CLOEXEC", 0)
@@ -917,7 +973,9 @@ class JsonlWriter:
                 except OSError as e:
                     if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                         raise ResultError(f"{self.path} is being written by another process") from e
-                    raise
+                    if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL):
+                        raise
+                    self.unlocked = True  # an NFS mount without its lock daemon: write on, unguarded
             self._recover()
         except BaseException:
             os.close(self._fd)

@@ -266,24 +266,30 @@ def render_clip(spec: ClipSpec, frame_indices=None, out_size=None, seed: int = 0
 
 def write_clip(spec: ClipSpec, path: str | Path, crf: int | None = None) -> None:
     """Encode the clip as H.264 yuv420p MP4 at constant quality (the spec's container)."""
+    from fractions import Fraction
+
     import av
+
+    from .result import part_file
 
     rng = np.random.default_rng(spec.seed + 1)
     path = Path(path)
     tmp = path.with_name(path.name + ".part.mp4")
-    with av.open(str(tmp), "w") as out:
-        from fractions import Fraction
-
-        stream = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
-        stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
-        stream.options = {"crf": str(crf if crf is not None else spec.crf), "preset": "veryfast"}
-        for f in range(spec.num_frames):
-            frame = av.VideoFrame.from_ndarray(render_frame(spec, spec.frame_time(f), rng), format="rgb24")
-            for pkt in stream.encode(frame):
+    with part_file(path, tmp):  # a full disk: one line naming the clip, and no part file left behind
+        with av.open(str(tmp), "w") as out:
+            stream = out.add_stream("libx264", rate=Fraction(spec.fps).limit_denominator(1001))
+            stream.width, stream.height, stream.pix_fmt = spec.width, spec.height, "yuv420p"
+            stream.options = {"crf": str(crf if crf is not None else spec.crf), "preset": "veryfast"}
+            for f in range(spec.num_frames):
+                frame = av.VideoFrame.from_ndarray(render_frame(spec, spec.frame_time(f), rng), format="rgb24")
+                for pkt in stream.encode(frame):
+                    out.mux(pkt)
+            for pkt in stream.encode():
                 out.mux(pkt)
-        for pkt in stream.encode():
-            out.mux(pkt)
-    tmp.replace(path)
+
+
+def _clip_name(i: int) -> str:
+    return f"clip_{i:05d}.mp4"
 
 
 def synth_dataset(out_dir: str | Path, n: int, seed: int = 0, progress: bool = True) -> Path:
@@ -294,14 +300,25 @@ def synth_dataset(out_dir: str | Path, n: int, seed: int = 0, progress: bool = T
     """
     from tqdm import tqdm
 
+    from .errors import UserError
+    from .result import cannot_write, write_text_atomic
+
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e) from None
     manifest = out / "manifest.jsonl"
+    taken = [p.name for p in [manifest, *(out / _clip_name(i) for i in range(n))] if p.exists()]
+    if taken:  # never overwrite: an earlier synth's clips, or files of the user's own
+        more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+        cut = "" if manifest.exists() else " (clips without a manifest: an interrupted stg synth? delete them)"
+        raise UserError(f"{out}: already holds {taken[0]}{more}{cut}; choose an empty folder")
     lines = []
     for i in tqdm(range(n), desc="synth", unit="clip", disable=not progress):
         clip_seed = seed * 1_000_003 + i
         spec = sample_clip(np.random.default_rng(clip_seed), seed=clip_seed)
-        name = f"clip_{i:05d}.mp4"
+        name = _clip_name(i)
         write_clip(spec, out / name)
         gt = spec.gt()
         lines.append({"video": name, "query": spec.query, "form": spec.form, "has_twin": spec.has_twin,
@@ -309,7 +326,5 @@ def synth_dataset(out_dir: str | Path, n: int, seed: int = 0, progress: bool = T
                       "num_frames": spec.num_frames, "span_s": gt["span_s"], "span_frames": gt["span_frames"],
                       "boxes": {str(k): [round(v, 2) for v in b] for k, b in gt["boxes"].items()},
                       "spec": spec.to_dict()})
-    tmp = manifest.with_suffix(".jsonl.part")
-    tmp.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    tmp.replace(manifest)
+    write_text_atomic(manifest, "".join(json.dumps(line) + "\n" for line in lines))
     return manifest

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 
 @dataclass
@@ -69,7 +69,8 @@ class TrainConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise UserError(f"{p}: unknown training option(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            guesses = [u + did_you_mean(u, known) for u in unknown]
+            raise UserError(f"{p}: unknown training option(s) {', '.join(guesses)}; known: {', '.join(sorted(known))}")
         cfg = cls(**data)
         cfg.check(p)
         return cfg
@@ -467,41 +468,75 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     t0 = time.time() - spent  # times (log, max_minutes) count the whole run, earlier legs included
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
                dynamic_ncols=True)
-    step = start
     batches = _batches(cfg, processor, start, cfg.data_workers)
-    for step in bar:
-        batch = next(batches)
-        for g in opt.param_groups:
-            g["lr"] = _lr_at(cfg, step)
-        out, _, _ = model.ground_forward(**batch)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        opt.step()
-        elapsed = time.time() - t0
-        rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
-               "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
-               "elapsed_s": round(elapsed, 1)}
-        if out.point_loss is not None:
-            rec["point"] = round(out.point_loss.item(), 4)
-        if out.attr_loss is not None:
-            rec["attr"] = round(out.attr_loss.item(), 4)
-        bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
-        if (step + 1) % cfg.log_every == 0:
-            log.append(rec)
-        done = step + 1 == cfg.steps
-        out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
-        if (step + 1) % cfg.checkpoint_every == 0 or done or out_of_time:
-            save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg), elapsed)
-        if out_of_time:
-            print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
-                  "continue with --resume and a larger max_minutes (it counts every leg)", file=sys.stderr)
-            break
+    saved = completed = start
+    try:
+        for step in bar:
+            batch = next(batches)
+            for g in opt.param_groups:
+                g["lr"] = _lr_at(cfg, step)
+            out, _, _ = model.ground_forward(**batch)
+            opt.zero_grad(set_to_none=True)
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            _uninterrupted(opt.step)  # a Ctrl-C inside would leave some weights updated and others not
+            completed = step + 1
+            checkpointed, stop = _after_step(cfg, model, processor, opt, step, out, t0, log, bar, out_dir)
+            saved = completed if checkpointed else saved
+            if stop:
+                break
+    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it as one): keep the steps since the last save
+        if completed > saved:
+            save_checkpoint(model, processor, opt, completed, out_dir, log, _fixed_settings(cfg), time.time() - t0)
+            print(f"\nstg: note: interrupted after step {completed}; saved a checkpoint there: continue with --resume",
+                  file=sys.stderr)
+        raise
     final = out_dir / "model"
     model.save_pretrained(final, safe_serialization=True)
     processor.save_pretrained(final)
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return final
+
+
+def _uninterrupted(fn):
+    """Run `fn` with Ctrl-C and SIGTERM held back until it returns (POSIX, main thread; elsewhere
+    it just runs)."""
+    import signal
+    import threading
+
+    mask = getattr(signal, "pthread_sigmask", None)
+    if mask is None or threading.current_thread() is not threading.main_thread():
+        return fn()
+    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        return fn()
+    finally:
+        mask(signal.SIG_SETMASK, old)
+
+
+def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: float, log: list, bar,
+                out_dir: Path) -> tuple[bool, bool]:
+    """Log step `step` and checkpoint when due: (a checkpoint was saved, the run stops here)."""
+    elapsed = time.time() - t0
+    rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
+           "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
+           "elapsed_s": round(elapsed, 1)}
+    if out.point_loss is not None:
+        rec["point"] = round(out.point_loss.item(), 4)
+    if out.attr_loss is not None:
+        rec["attr"] = round(out.attr_loss.item(), 4)
+    bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
+    if (step + 1) % cfg.log_every == 0:
+        log.append(rec)
+    done = step + 1 == cfg.steps
+    out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
+    if not ((step + 1) % cfg.checkpoint_every == 0 or done or out_of_time):
+        return False, False
+    save_checkpoint(model, processor, opt, step + 1, out_dir, log, _fixed_settings(cfg), elapsed)
+    if out_of_time:
+        print(f"stg: note: stopped at step {step + 1} of {cfg.steps} (max_minutes = {cfg.max_minutes}); "
+              "continue with --resume and a larger max_minutes (it counts every leg)", file=sys.stderr)
+    return True, bool(out_of_time)
 
 
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "processor_config.json",

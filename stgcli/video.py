@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import cached_property
@@ -115,10 +116,22 @@ class _Scan:
 # --------------------------------------------------------------------------- opening
 
 
+# "https://host/v.mp4" as a path (Path() folds the "//" into "/"): a scheme of two letters or more
+# (not a Windows drive), a colon, a slash
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/")
+
+
+def not_a_url(path: str | os.PathLike) -> None:
+    """A missing path that is a URL: stg reads local files only; say so rather than "no such file"."""
+    if _URL.match(str(path)) and not os.path.exists(path):
+        raise VideoError(f"{path}: stg reads local files, not URLs; download the video first (curl, yt-dlp)")
+
+
 def check_path(path: str | os.PathLike) -> Path:
     """Turn the common path mistakes into one-line errors before any decoder sees them."""
     p = Path(path)
     if not p.exists():
+        not_a_url(path)
         raise VideoError(f"{path}: no such file; check the path")
     if p.is_dir():
         raise VideoError(f"{path}: is a directory, not a video file; pass a video file "
@@ -144,6 +157,8 @@ def _open(path: str | os.PathLike, threads: int = 0):
         for stream in container.streams.video if threads > 0 else ():
             stream.codec_context.thread_count = threads
         return container
+    except PermissionError:  # FFmpeg's too (it is both): not a broken file, so no hint about truncation
+        raise VideoError(f"{path}: cannot read it (permission denied); check the file's permissions") from None
     except av.FFmpegError as exc:
         raise VideoError(
             f"{path}: not a readable video file ({_reason(exc)}; a truncated MP4 loses its "
@@ -159,9 +174,16 @@ def _reason(exc: Exception) -> str:
 
 
 def _video_stream(container, path) -> object:
-    """The first video stream, or a VideoError that says what the file holds instead."""
+    """The first video stream that is not a cover picture (an MP4's attached_pic, as yt-dlp
+    --embed-thumbnail writes), or a VideoError that says what the file holds instead."""
+    import av
+
+    cover = int(av.stream.Disposition.attached_pic)
+    moving = [s for s in container.streams.video if not int(s.disposition) & cover]
+    if moving:
+        return moving[0]
     if container.streams.video:
-        return container.streams.video[0]
+        raise VideoError(f"{path}: holds only a cover picture, no video; pass a video file")
     if container.streams.audio:
         raise VideoError(f"{path}: audio-only file (no video stream); pass a video file")
     raise VideoError(
@@ -652,14 +674,19 @@ def _check_args(path, num_frames: int, size, backend: str) -> None:
         raise VideoError(f"frame size must be (width, height) with both >= 1, got {size}")
 
 
-def _window(scan: _Scan, start_s: float | None, end_s: float | None) -> tuple[int, int]:
-    """First and last frame index whose time lies in [start_s, end_s]."""
-    info, path = scan.info, scan.info.path
+def check_window(path, start_s: float | None, end_s: float | None) -> None:
+    """The window mistakes that need no look at the video (checked before a model loads, too)."""
     for name, v in (("start", start_s), ("end", end_s)):
         if v is not None and (not math.isfinite(v) or v < 0):
             raise VideoError(f"{path}: window {name} {v}s must be a time >= 0 seconds")
     if start_s is not None and end_s is not None and start_s >= end_s:
         raise VideoError(f"{path}: window start {start_s}s must be before end {end_s}s")
+
+
+def _window(scan: _Scan, start_s: float | None, end_s: float | None) -> tuple[int, int]:
+    """First and last frame index whose time lies in [start_s, end_s]."""
+    info, path = scan.info, scan.info.path
+    check_window(path, start_s, end_s)
     if start_s is not None and start_s >= info.duration_s:
         raise VideoError(f"{path}: window start {start_s}s is beyond the video's "
                          f"{info.duration_s:.2f}s; pick a start before that")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import signal
@@ -66,6 +67,14 @@ def test_manifest_jsonl_and_csv_relative_paths(folder, tmp_path, model):
     out2 = tmp_path / "c.jsonl"
     assert run_batch(folder / "m.csv", out2, model=model, progress=False) == (1, 0, 0, 0)
     assert lines(out2)[0]["video"]["path"].endswith("b.mp4")
+    # a spreadsheet in a comma-decimal locale saves ";" (a query may hold a comma), or tabs
+    (folder / "semi.csv").write_text('video;query\r\na.mp4;"the red circle, moving left"\r\n')
+    (folder / "tabs.tsv").write_text("query\tvideo\nthe blue square\tsub/c.mp4\n")
+    out3 = tmp_path / "s.jsonl"
+    for manifest in ("semi.csv", "tabs.tsv"):
+        assert run_batch(folder / manifest, out3, model=model, progress=False).grounded == 1
+    assert [(Path(d["video"]["path"]).name, d["query"]) for d in lines(out3)] == [
+        ("a.mp4", "the red circle, moving left"), ("c.mp4", "the blue square")]
 
 
 @pytest.mark.parametrize("content,needle", [
@@ -419,9 +428,13 @@ def test_a_clip_that_fails_after_decoding_is_an_error_line(folder, tmp_path, mod
     assert "cannot preprocess this one" in bad[0]["error"]["message"]
 
 
-def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path):
+@pytest.mark.parametrize("sig,code,said", [(signal.SIGINT, 130, ("stg: aborted", "stg: interrupted")),
+                                           (signal.SIGTERM, 143, ("stg: terminated",))])
+def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path, sig, code, said):
     """A terminal's Ctrl-C reaches the whole process group: the decoding workers leave it to the
-    batch process, which says so once (no traceback from each worker)."""
+    batch process, which says so once (no traceback from each worker). So does a job scheduler's
+    SIGTERM (Python's default would end the process without any cleanup): the lines written are
+    whole, and a rerun grounds the rest."""
     for i in range(6):
         shutil.copy(EXAMPLE, folder / f"i{i}.mp4")
     out = tmp_path / "c.jsonl"
@@ -436,15 +449,20 @@ def test_ctrl_c_stops_the_batch_with_one_line(folder, tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and (not out.exists() or not out.read_text().count("\n")):
         time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, sig)
     try:
         _, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-2000:]
-    assert err.count("stg: aborted") + err.count("stg: interrupted") == 1
-    assert proc.returncode == 130
+    assert sum(err.count(s) for s in said) == 1 and "error" not in err, err[-2000:]
+    assert proc.returncode == code
+    docs = lines(out)  # every line whole (json.loads would fail on a torn one), no error blamed on a clip
+    assert docs and not any(d.get("error") for d in docs)
+    rerun = subprocess.run(cmd[:1] + ["-m", "stgcli"] + cmd[3:], capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert sorted(Path(d["video"]["path"]).name for d in lines(out)) == sorted(p.name for p in folder.rglob("*.mp4"))
 
 
 def _decode_or_hang(video, *args):
@@ -497,3 +515,119 @@ def test_a_file_that_hangs_the_decoder_times_out_alone(folder, tmp_path, model, 
     with pytest.raises(UserError, match="--decode-timeout -1"):
         run_batch(folder, tmp_path / "x.jsonl", query="the red circle", model=model, progress=False,
                   decode_timeout=-1)
+
+
+def _decode_noting_video(video, *args):
+    """Runs in a worker: notes which file it decoded."""
+    with open(os.environ["STG_TEST_DECODED"], "a") as f:
+        f.write(f"{os.path.basename(video)}\n")
+    return _REAL_DECODE(video, *args)
+
+
+def test_several_queries_decode_each_video_once(folder, tmp_path, model, monkeypatch, capsys):
+    """`--query A --query B` asks every video both; a video asked twice (there, or in a manifest) is
+    decoded once, and each pair's line is what grounding it alone gives."""
+    from stgcli import batch, ground
+
+    decoded = tmp_path / "decoded.txt"
+    monkeypatch.setenv("STG_TEST_DECODED", str(decoded))
+    monkeypatch.setattr(batch, "decode_clip", _decode_noting_video)
+    out = tmp_path / "r.jsonl"
+    code, _, err = run(capsys, "batch", str(folder), "--query", "the red circle", "--query", "the blue  square",
+                       "--query", "the red circle", "--out", str(out), "--device", "cpu", "--workers", "2")
+    assert code == 0, err
+    docs = lines(out)
+    pairs = [(Path(d["video"]["path"]).name, d["query"]) for d in docs]
+    assert pairs == [(v, q) for v in ("a.mp4", "b.mp4", "c.mp4") for q in ("the red circle", "the blue square")]
+    assert sorted(decoded.read_text().split()) == ["a.mp4", "b.mp4", "c.mp4"]
+    alone = ground(folder / "b.mp4", "the blue square", model=model)
+    mine = next(d for d in docs if d["video"]["path"].endswith("b.mp4") and d["query"] == "the blue square")
+    assert mine["span"] == alone.to_dict()["span"] and mine["track"] == alone.to_dict()["track"]
+    decode_s = [d["timing_s"]["decode"] for d in docs]
+    # the decode is counted once, on the clip's first pair; the second's is its own preprocessing only
+    assert all(second < first / 3 for first, second in zip(decode_s[::2], decode_s[1::2])), decode_s
+
+    # a manifest that names a video again further down: decoded once, its lines together
+    decoded.unlink()
+    (folder / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"video": "a.mp4", "query": "the red circle"}, {"video": "b.mp4", "query": "the red circle"},
+        {"video": "./a.mp4", "query": "the green triangle"}, {"video": "missing.mp4", "query": "the red circle"},
+        {"video": "missing.mp4", "query": "the blue square"})))
+    out2 = tmp_path / "m.jsonl"
+    counts = run_batch(folder / "m.jsonl", out2, model=model, progress=False, workers=1)
+    assert counts == (3, 2, 0, 0)
+    docs = lines(out2)
+    assert [(Path(d["video"]["path"]).name, d["query"]) for d in docs] == [
+        ("a.mp4", "the red circle"), ("a.mp4", "the green triangle"), ("b.mp4", "the red circle"),
+        ("missing.mp4", "the red circle"), ("missing.mp4", "the blue square")]
+    assert sorted(decoded.read_text().split()) == ["a.mp4", "b.mp4", "missing.mp4"]
+    errors = [d["error"]["message"] for d in docs if d.get("error")]
+    assert [e.split(": ")[1] for e in errors] == ["line 4", "line 5"]  # each pair names its own line
+    code, _, err = run(capsys, "batch", str(folder / "m.jsonl"), "--query", "the red circle", "--out",
+                       str(tmp_path / "x.jsonl"), "--device", "cpu")
+    assert_user_error(code, err, "m.jsonl", "--query is for a folder")
+
+    # one video, several queries: SOURCE may be the video itself
+    decoded.unlink()
+    out3 = tmp_path / "one.jsonl"
+    code, _, err = run(capsys, "batch", str(folder / "b.mp4"), "--query", "the red circle", "--query",
+                       "the blue square", "--out", str(out3), "--device", "cpu")
+    assert code == 0, err
+    assert [d["query"] for d in lines(out3)] == ["the red circle", "the blue square"]
+    assert decoded.read_text().split() == ["b.mp4"]
+    code, _, err = run(capsys, "batch", str(folder / "b.mp4"), "--out", str(out3), "--device", "cpu")
+    assert_user_error(code, err, "b.mp4: a video needs --query")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="macOS and Windows file systems refuse a file name that is not UTF-8")
+def test_a_file_name_that_is_not_utf8(tmp_path, capsys):
+    """Linux allows any bytes in a file name (old archives carry Latin-1 ones); Python hands them over
+    as lone surrogates, which UTF-8 cannot encode: every JSON output crashed. Now JSON writes the
+    \\u escape (valid UTF-8, and json.loads gives the name back), resume recognises the file, and
+    CSV keeps the name's own bytes."""
+    folder = tmp_path / "clips"
+    folder.mkdir()
+    shutil.copy(EXAMPLE, folder / os.fsdecode(b"clip\xff.mp4"))
+    out = tmp_path / "r.jsonl"
+    for done in (0, 1):
+        code, _, err = run(capsys, "batch", str(folder), "--query", "the red circle", "--out", str(out),
+                           "--device", "cpu")
+        assert code == 0 and f"{1 - done} grounded, 0 failed, {done} already done" in err, err
+    raw = out.read_bytes()
+    raw.decode("utf-8")  # the file is valid UTF-8
+    assert b"clip\\udcff.mp4" in raw
+    [doc] = lines(out)
+    assert os.fsencode(doc["video"]["path"]).endswith(b"/clip\xff.mp4") and not doc.get("error")
+    csv_out = tmp_path / "r.csv"
+    code, _, err = run(capsys, "export", str(out), "--format", "csv", "--out", str(csv_out))
+    assert code == 0, err
+    assert b"/clip\xff.mp4,the red circle," in csv_out.read_bytes()
+    single = tmp_path / "one.json"  # a real process: its stdout, not pytest's capture, prints the name
+    proc = subprocess.run([sys.executable, "-m", "stgcli", "ground", os.fsencode(folder) + b"/clip\xff.mp4",
+                           "the red circle", "--device", "cpu", "--out", str(single)], capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")[-2000:]
+    assert proc.stdout.startswith(os.fsencode(folder) + b"/clip\xff.mp4: ")  # its own bytes, as ls prints it
+    assert json.loads(single.read_text(encoding="utf-8"))["video"]["path"] == doc["video"]["path"]
+
+
+def test_resume_into_another_models_output_is_refused(folder, tmp_path, model):
+    """Resume skips the pairs already in --out: a batch with another model (or --frames, or span
+    decoding) into the same file would never run that model on them, and their lines would pass for
+    its own. So it is refused, before any work; the same settings resume as before."""
+    import dataclasses
+
+    out = tmp_path / "r.jsonl"
+    assert run_batch(folder, out, query="the red circle", model=model, progress=False).grounded == 3
+    other = dataclasses.replace(model, name="someone-elses-model", sha256="0" * 64)
+    before = out.read_bytes()
+    for kwargs, needle in (({"model": other}, "holds predictions of model 'spacevllm-tiny-shapes', not "
+                                              "'someone-elses-model'; choose another --out"),
+                           ({"model": dataclasses.replace(model, sha256="ab" * 32)},
+                            "holds predictions of other weights of model 'spacevllm-tiny-shapes' (sha256 "),
+                           ({"model": model, "frames": 8}, "made with --frames 16, not 8"),
+                           ({"model": dataclasses.replace(model, span_decoding="text")}, "--span-decoding joint")):
+        with pytest.raises(UserError, match=re.escape(needle)):
+            run_batch(folder, out, query="the blue square", progress=False, **kwargs)
+    assert out.read_bytes() == before
+    assert run_batch(folder, out, query="the blue square", model=model, progress=False).grounded == 3

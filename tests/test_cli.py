@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -29,7 +30,9 @@ def run(capsys, *args: str) -> tuple[int, str, str]:
 
 def assert_user_error(code: int, err: str, *needles: str) -> None:
     assert code == 2, err
-    lines = [line for line in err.splitlines() if line.strip()]
+    # what a terminal shows: a progress bar redraws its line after "\r" and clears it when done
+    lines = [line.split("\r")[-1] for line in err.split("\n")]
+    lines = [line for line in lines if line.strip()]
     assert 1 <= len(lines) <= 3, err
     assert "Traceback" not in err
     for n in needles:
@@ -139,6 +142,16 @@ def test_human_summary_and_render(capsys, tmp_path):
         assert sum(1 for _ in c.decode(video=0)) == 150
 
 
+def test_summary_counts_frames_in_words(capsys, clip):
+    """A one-frame video (or a still image) gets "1 frame", not "1 frames"; more get the plural."""
+    code, out, err = run(capsys, "ground", str(clip("one_frame.mp4")), "the red circle", "--device", "cpu")
+    assert code == 0, err
+    assert "  boxes  1 frame (1 from the model, 0 interpolated)" in out.splitlines()
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the blue square that stays still", "--device", "cpu")
+    assert code == 0, err
+    assert re.search(r"^  boxes  \d+ frames \(\d+ from the model, \d+ interpolated\)$", out, re.M)
+
+
 def test_ground_never_overwrites_without_force(capsys, tmp_path, monkeypatch):
     import shutil
 
@@ -171,3 +184,27 @@ def test_real_subprocess_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "stgcli", "ground", str(tmp_path / "x.mp4"), "q"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "x.mp4" in bad.stderr
+
+
+def test_a_url_is_not_a_missing_file(capsys, tmp_path):
+    """stg reads local files; a URL says so instead of 'no such file' (a Windows drive is a path)."""
+    code, _, err = run(capsys, "ground", "https://example.com/clip.mp4", "the red circle")
+    assert_user_error(code, err, "example.com/clip.mp4: stg reads local files, not URLs; download")
+    code, _, err = run(capsys, "batch", "s3://bucket/clips", "--query", "q", "--out", str(tmp_path / "o.jsonl"))
+    assert_user_error(code, err, "bucket/clips: stg reads local files, not URLs")
+    code, _, err = run(capsys, "ground", "C:/clips/a.mp4", "the red circle")
+    assert_user_error(code, err, "C:/clips/a.mp4: no such file")
+
+
+def test_a_reversed_window_is_refused_before_the_model_loads(capsys, monkeypatch):
+    from stgcli import weights
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the window was checked")
+
+    monkeypatch.setattr(weights, "load_model", no_load)
+    for args, needle in ((("--start", "3", "--end", "2"), "window start 3.0s must be before end 2.0s"),
+                         (("--start", "2", "--end", "2"), "must be before end 2.0s"),
+                         (("--end", "-1"), "window end -1.0s must be a time >= 0")):
+        code, _, err = run(capsys, "ground", str(EXAMPLE), "the red circle", *args)
+        assert_user_error(code, err, needle)

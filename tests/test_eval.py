@@ -276,11 +276,15 @@ def test_a_retried_pair_scores_by_its_last_line():
     (["--annotations", "{hc}", "--format", "hcstvg", "--predictions", "{tmp}/nope.jsonl"], ["nope.jsonl"]),
     (["--annotations", "{hc}", "--format", "hcstvg", "--predictions", "{nomatch}", "--protocol", "x"],
      ["--protocol x"]),
+    (["--annotations", "{tmp}", "--format", "stg", "--videos", "."], ["is a folder", "annotation file"]),
+    (["--annotations", "{tmp}", "--format", "hcstvg", "--videos", "."], ["is a folder", "annotation file"]),
+    (["--annotations", "{lines}", "--format", "vidstg", "--videos", "."], ["m.jsonl", "line 2", "--format stg"]),
 ])
 def test_user_errors_exit_2_one_line(tmp_path, capsys, args, needles):
     files = {"hc": write(tmp_path, "hc.json", HCSTVG_V1),
              "bad": write(tmp_path, "bad.json", {"a.mp4": {"st_frame": 1}}),
              "nomatch": write(tmp_path, "p.jsonl", json.dumps(pred(0, 1, video="zzz.mp4")) + "\n"),
+             "lines": write(tmp_path, "m.jsonl", '{"video": "a.mp4"}\n{"video": "b.mp4"}\n'),
              "tmp": tmp_path}
     args = [a.format(**files) for a in args]
     code, out, err = run(capsys, "eval", *args)

@@ -10,7 +10,7 @@ import pytest
 
 from stgcli.export import export
 from stgcli.result import JsonlWriter, error_result, write_json_atomic
-from test_cli import assert_user_error, run
+from test_cli import EXAMPLE, assert_user_error, run
 from test_result import make_result
 
 
@@ -107,6 +107,9 @@ def test_export_refusals(tmp_path, capsys):
     assert dest.read_text() == "mine"  # nothing a user made is overwritten silently
     code, _, err = run(capsys, "export", str(tmp_path / "none.json"), "--format", "csv")
     assert_user_error(code, err, "none.json", "no such result file")
+    for cmd in (("export", str(tmp_path), "--format", "csv"), ("render", str(EXAMPLE), str(tmp_path))):
+        code, _, err = run(capsys, *cmd)
+        assert_user_error(code, err, f"{tmp_path}: is a folder; pass a result file")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"schema": "something/else"}))
     code, _, err = run(capsys, "export", str(bad), "--format", "csv")

@@ -179,3 +179,18 @@ def test_grounding_raises_no_library_warnings(model):
         res = ground(EXAMPLE, "the red circle moving left", model=model)
     assert res.span is not None
     assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+
+
+def test_too_many_frames_warns_with_a_number_that_fits(model, monkeypatch):
+    """More frames than the language model has positions for: a warning naming how many would fit,
+    and that many do fit."""
+    import re
+
+    monkeypatch.setattr(model.model.config.text_config, "max_position_embeddings", 200)
+    res = ground(EXAMPLE, "the red circle", model=model, frames=16)
+    [warning] = [w for w in res.warnings if "positions" in w]
+    assert "more than the 200 positions model 'spacevllm-tiny-shapes' was built for" in warning
+    fits = int(re.search(r"at most about (\d+) here", warning).group(1))
+    assert 1 <= fits < 16
+    assert len(prepare(model, EXAMPLE, "the red circle", frames=fits)["ids"]) <= 200
+    assert not [w for w in ground(EXAMPLE, "the red circle", model=model, frames=fits).warnings if "positions" in w]

@@ -90,11 +90,13 @@ def test_cli_render_and_errors(capsys, tmp_path):
     rj.write_text(json.dumps(truth_result().to_dict()))
     out = tmp_path / "o.mp4"
     code, stdout, err = run(capsys, "render", str(EXAMPLE), str(rj), "--out", str(out), "--overlay", "box,timeline")
-    assert code == 0, err and out.exists()
+    assert code == 0 and out.exists(), err
+    assert "render:" in err and "/150 [" in err  # a frame bar (every frame is decoded and encoded again)
+    assert err.rstrip("\n").split("\n")[-1].split("\r")[-1].strip() == ""  # and it clears its line when done
     code, _, err = run(capsys, "render", str(EXAMPLE), str(rj), "--out", str(out))
     assert_user_error(code, err, "exists")
     code, _, err = run(capsys, "render", str(EXAMPLE), str(rj), "--out", str(tmp_path / "x.mp4"), "--overlay", "boxes")
-    assert_user_error(code, err, "--overlay")
+    assert_user_error(code, err, "--overlay", "unknown overlay 'boxes' (did you mean box?)", "box,label,trace")
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     code, _, err = run(capsys, "render", str(EXAMPLE), str(bad), "--out", str(tmp_path / "y.mp4"))
@@ -211,3 +213,33 @@ def test_result_of_another_video_is_refused(capsys, tmp_path):
     short = write_video(tmp_path / "short.mp4", painted_frames(5, 480, 270), 25)  # same size, track beyond it
     code, _, err = run(capsys, "render", str(short), str(rj), "--out", str(tmp_path / "o.mp4"))
     assert_user_error(code, err, "short.mp4")
+
+
+def test_sigterm_mid_render_leaves_no_part_file(tmp_path):
+    """`kill`, `timeout` or a scheduler's SIGTERM used to end stg with no cleanup, leaving the hidden
+    part file of a render behind; now it unwinds like Ctrl-C: one line, exit 143, nothing left."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import videogen as vg
+
+    video = tmp_path / "long.mp4"
+    vg.write_video(video, vg.painted_frames(600, 320, 240), 25)
+    out, part = tmp_path / "a.mp4", tmp_path / ".a.mp4.part.mp4"
+    proc = subprocess.Popen([sys.executable, "-m", "stgcli", "ground", str(video), "the red circle", "--device", "cpu",
+                             "--render", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not part.exists() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.01)
+        assert part.exists(), "the render was not seen running"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
+    assert err.rstrip("\n").split("\n")[-1].split("\r")[-1] == "stg: terminated"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]

@@ -289,6 +289,23 @@ def test_directory_and_missing_path(clip_dir):
         video.sample_frames(clip_dir / "missing.mp4", 4)
 
 
+def test_a_file_it_may_not_read_says_permissions_not_corruption(clip, monkeypatch):
+    """FFmpeg's EACCES is an FFmpegError too; its message must not suggest a broken file. (Faked:
+    as root, the suite would be allowed to read a chmod 000 file.)"""
+    import errno
+
+    import av
+
+    def denied(path, *a, **k):
+        raise av.error.PermissionError(errno.EACCES, "Permission denied", path)
+
+    path = clip("h264.mp4")  # written before av.open is taken away
+    monkeypatch.setattr(av, "open", denied)
+    with pytest.raises(VideoError, match=r"h264.mp4: cannot read it \(permission denied\); check the file's") as e:
+        video.probe(path)
+    assert "truncated" not in str(e.value)
+
+
 # --------------------------------------------------------------------------- skipping frames
 
 # Seekable containers with B-frames (unreferenced pictures) in codecs of video._NONREF_SKIP.
@@ -503,3 +520,26 @@ def test_an_edit_list_is_not_called_truncated(tmp_path):
     s = video.sample_frames(dst, 8)
     assert codes(s.frames) == [i + 16 for i in s.indices.tolist()]
     assert s.warnings == []
+
+
+def test_a_cover_picture_is_not_taken_for_the_video():
+    """An MP4 may carry its thumbnail as a video stream marked attached_pic (yt-dlp
+    --embed-thumbnail); where it comes first, stg grounded the still picture. The muxers at hand
+    put it last, so the choice is checked on the streams a file would list."""
+    from types import SimpleNamespace
+
+    import av
+
+    pic = int(av.stream.Disposition.attached_pic)
+
+    def holding(*dispositions, audio=()):
+        video = [SimpleNamespace(index=i, disposition=d) for i, d in enumerate(dispositions)]
+        return SimpleNamespace(streams=SimpleNamespace(video=video, audio=list(audio)))
+
+    assert video._video_stream(holding(pic, 0), "a.mp4").index == 1
+    assert video._video_stream(holding(0, pic), "a.mp4").index == 0
+    assert video._video_stream(holding(int(av.stream.Disposition.default), 0), "a.mp4").index == 0
+    with pytest.raises(VideoError, match="a.mp4: holds only a cover picture"):
+        video._video_stream(holding(pic), "a.mp4")
+    with pytest.raises(VideoError, match="audio-only"):
+        video._video_stream(holding(audio=[object()]), "a.mp4")
