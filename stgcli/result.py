@@ -672,6 +672,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _size_or_none(fd: int) -> int | None:
+    try:
+        return os.fstat(fd).st_size
+    except OSError:
+        return None
+
+
 def _fsync_dir(directory: Path) -> None:
     """Persist a rename: without this a power loss can forget the new directory entry."""
     try:
@@ -1038,17 +1045,34 @@ class JsonlWriter:
                 raise ValueError(f"{self.path}: writer is closed")
             if key in self._keys and not (retry and self._keys[key]):
                 return False
-            size = os.fstat(self._fd).st_size
+            size, before = os.fstat(self._fd).st_size, self._keys.get(key)
             try:
                 _write_all(self._fd, data)
-                os.fsync(self._fd)
             except BaseException:
-                try:  # roll back a half-written line so later appends stay parseable
+                # A Ctrl-C or SIGTERM can land after the last byte went out: a whole line is kept
+                # (rolling it back lost a finished result); a cut one is rolled back so later
+                # appends stay parseable.
+                if _size_or_none(self._fd) == size + len(data):
+                    self._keys[key] = bool(doc.get("error"))
+                else:
+                    try:
+                        os.ftruncate(self._fd, size)
+                    except OSError:
+                        pass
+                raise
+            self._keys[key] = bool(doc.get("error"))  # before fsync, which an interrupt can also end
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                try:  # the disk refused it: the line may not survive, so take it out and report
                     os.ftruncate(self._fd, size)
                 except OSError:
                     pass
+                if before is None:
+                    del self._keys[key]
+                else:
+                    self._keys[key] = before
                 raise
-            self._keys[key] = bool(doc.get("error"))
             return True
 
     def close(self) -> None:

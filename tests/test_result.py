@@ -490,6 +490,58 @@ def test_jsonl_failed_append_is_rolled_back(tmp_path, monkeypatch):
     assert len(read_jsonl(path).records) == 2
 
 
+@pytest.mark.parametrize("where", ["fsync", "write"])
+def test_jsonl_interrupt_after_a_whole_line_keeps_it(tmp_path, monkeypatch, where):
+    """Ctrl-C can land once the line's last byte is out (during fsync, or between the write and
+    its return): the finished result stays, recorded, and the file stays readable. A cut line is
+    still rolled back (test above)."""
+    path = tmp_path / "b.jsonl"
+    out = JsonlWriter(path)
+    out.append(make_result("a.mp4", "q"))
+    real_write, real_fsync = R._write_all, os.fsync
+
+    def write_then_interrupt(fd, data):
+        real_write(fd, data)
+        raise KeyboardInterrupt
+
+    def interrupted_fsync(fd):
+        raise KeyboardInterrupt
+
+    if where == "write":
+        monkeypatch.setattr(R, "_write_all", write_then_interrupt)
+    else:
+        monkeypatch.setattr(R.os, "fsync", interrupted_fsync)
+    with pytest.raises(KeyboardInterrupt):
+        out.append(make_result("b.mp4", "q"))
+    monkeypatch.setattr(R, "_write_all", real_write)
+    monkeypatch.setattr(R.os, "fsync", real_fsync)
+    assert ("b.mp4", "q") in out and not out.append(make_result("b.mp4", "q"))  # no duplicate
+    out.close()
+    records, torn = read_jsonl(path)
+    assert not torn and [r["video"]["path"] for r in records] == ["a.mp4", "b.mp4"]
+
+
+def test_jsonl_failed_fsync_takes_the_line_out(tmp_path, monkeypatch):
+    """A disk that refuses fsync (EIO) may lose the line: it is taken out and the error raised, so a
+    rerun grounds it again rather than trusting it."""
+    path = tmp_path / "b.jsonl"
+    out = JsonlWriter(path)
+    out.append(make_result("a.mp4", "q"))
+    out.append(error_result("c.mp4", "q", "VideoError", "cannot open"))
+    good = path.read_bytes()
+
+    def eio(fd):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(R.os, "fsync", eio)
+    with pytest.raises(OSError):
+        out.append(make_result("b.mp4", "q"))
+    with pytest.raises(OSError):
+        out.append(make_result("c.mp4", "q"), retry=True)
+    assert path.read_bytes() == good and ("b.mp4", "q") not in out
+    assert out.failed() == {("c.mp4", "q")}  # still an error: --retry-failed grounds it again
+
+
 def test_jsonl_second_writer_is_refused(tmp_path):
     path = tmp_path / "b.jsonl"
     with JsonlWriter(path):
