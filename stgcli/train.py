@@ -6,11 +6,13 @@ Loss = LM cross-entropy on the answer text + L1 + GIoU on boxes of frames inside
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -479,10 +481,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            _uninterrupted(opt.step)  # a Ctrl-C inside would leave some weights updated and others not
-            completed = step + 1
-            checkpointed, stop = _after_step(cfg, model, processor, opt, step, out, t0, log, bar, out_dir)
-            saved = completed if checkpointed else saved
+            # A Ctrl-C inside would leave some weights updated and others not, or a step done but not
+            # counted (its checkpoint would then run it twice on resume): it takes effect after.
+            with _signals_held():
+                opt.step()
+                completed = step + 1
+                checkpointed, stop = _after_step(cfg, model, processor, opt, step, out, t0, log, bar, out_dir)
+                saved = completed if checkpointed else saved
             if stop:
                 break
     except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (the CLI raises it as one): keep the steps since the last save
@@ -498,20 +503,32 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     return final
 
 
-def _uninterrupted(fn):
-    """Run `fn` with Ctrl-C and SIGTERM held back until it returns (POSIX, main thread; elsewhere
-    it just runs)."""
+@contextlib.contextmanager
+def _signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM back inside the block, then deliver them (main thread; in another
+    thread the block just runs).
+
+    Held by swapping the Python handlers, not by a signal mask: a mask covers only the calling
+    thread, and the kernel hands a process-directed signal to any thread that does not block it
+    (torch's OpenMP workers, tqdm's monitor), after which Python runs the handler in the main
+    thread at once, mid-block.
+    """
     import signal
     import threading
 
-    mask = getattr(signal, "pthread_sigmask", None)
-    if mask is None or threading.current_thread() is not threading.main_thread():
-        return fn()
-    old = mask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    sigs = (signal.SIGINT, signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or any(signal.getsignal(s) is None for s in sigs):
+        yield  # a handler installed outside Python could not be put back
+        return
+    pending: list[int] = []
+    old = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in sigs}
     try:
-        return fn()
+        yield
     finally:
-        mask(signal.SIG_SETMASK, old)
+        for s, handler in old.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(pending):
+            signal.raise_signal(s)  # its own handler runs now: KeyboardInterrupt, Terminated, exit
 
 
 def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: float, log: list, bar,

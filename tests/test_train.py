@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -103,28 +104,72 @@ def test_ctrl_c_saves_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch,
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_the_optimizer_step_is_not_cut_by_a_signal():
-    """A signal arriving inside the weight update is held until it ends (POSIX)."""
+@pytest.mark.parametrize("to", ["process", "another thread"])
+def test_a_signal_is_held_until_the_block_ends(to):
+    """A signal arriving inside the weight update is held until it ends, then delivered. The kernel
+    may hand a process-directed signal (kill, Ctrl-C) to any thread (torch's, tqdm's): "another
+    thread" sends it to one, as happens at random in a busy process."""
     import os
     import signal
-    import sys
+    import threading
 
-    from stgcli.train import _uninterrupted
+    from stgcli.train import _signals_held
 
-    if not hasattr(signal, "pthread_sigmask"):
-        pytest.skip("no signal masks on " + sys.platform)
     seen = []
+    idle = threading.Event()
+    other = threading.Thread(target=idle.wait, daemon=True)
+    other.start()
     previous = signal.signal(signal.SIGTERM, lambda *a: seen.append("signal"))
     try:
-        def update():
-            os.kill(os.getpid(), signal.SIGTERM)
+        with _signals_held():
+            if to == "process":
+                os.kill(os.getpid(), signal.SIGTERM)
+            else:
+                signal.pthread_kill(other.ident, signal.SIGTERM)
+            until = time.monotonic() + 0.2  # bytecode boundaries, where Python runs pending handlers,
+            while time.monotonic() < until:  # and time for the other thread to take the signal
+                pass
             seen.append("update done")
-
-        _uninterrupted(update)
         seen.append("after")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        idle.set()
     assert seen == ["update done", "signal", "after"]
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_ctrl_c_during_the_optimizer_step_counts_that_step(tmp_path, monkeypatch, capsys):
+    """Ctrl-C inside step 3's weight update: the update finishes, step 3 is saved as done, and a
+    resume ends where an uninterrupted run does (not running step 3 twice)."""
+    import os
+    import signal
+
+    train(small_cfg(out_dir=str(tmp_path / "a"), steps=5), progress=False)
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def step_with_ctrl_c(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step_with_ctrl_c)
+    cfg = small_cfg(out_dir=str(tmp_path / "b"), steps=5, checkpoint_every=5)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # CI may start with it ignored
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 3 and len(calls) == 3
+    assert "interrupted after step 3" in capsys.readouterr().err
+    monkeypatch.setattr(torch.optim.AdamW, "step", real_step)
+    train(cfg, resume=True, progress=False)
+    wa = load_file(tmp_path / "a" / "model" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def test_config_errors(tmp_path):
