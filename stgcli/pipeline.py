@@ -37,11 +37,13 @@ def check_frames(frames: int | None) -> None:
 
 def check_video_path(video: str | os.PathLike, start_s: float | None = None,
                      end_s: float | None = None) -> None:
-    """The mistakes worth catching before a model load (missing, a folder, empty, a reversed window)."""
-    from .video import check_path, check_window
+    """The mistakes worth catching before a model load (missing, a folder, empty, a reversed window,
+    not a video)."""
+    from .video import check_openable, check_path, check_window
 
     check_path(video)
     check_window(video, start_s, end_s)
+    check_openable(video)
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:

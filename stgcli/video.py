@@ -178,6 +178,13 @@ def _video_stream(container, path) -> object:
     --embed-thumbnail writes), or a VideoError that says what the file holds instead."""
     import av
 
+    fmt = container.format.name.split(",")[0]
+    if fmt == "image2" or fmt.endswith("_pipe"):  # FFmpeg's single-image readers: png_pipe, jpeg_pipe, ...
+        # It would pass as a 1-frame "video" at an invented 25 fps; grounding asks when, which
+        # a still picture cannot answer.
+        kind = fmt.removesuffix("_pipe").upper() if fmt != "image2" else "image"
+        raise VideoError(f"{path}: a still {kind} picture, not a video; stg grounds objects over time: "
+                         "pass a video file (MP4/WebM/AVI/MKV, or an animated GIF)")
     cover = int(av.stream.Disposition.attached_pic)
     moving = [s for s in container.streams.video if not int(s.disposition) & cover]
     if moving:
@@ -672,6 +679,14 @@ def _check_args(path, num_frames: int, size, backend: str) -> None:
                          f"got {num_frames}")
     if size is not None and (len(size) != 2 or min(int(s) for s in size) < 1):
         raise VideoError(f"frame size must be (width, height) with both >= 1, got {size}")
+
+
+def check_openable(path: str | os.PathLike) -> None:
+    """Open the container and find its video stream, decoding nothing (milliseconds): what makes a
+    file no video at all (text, audio only, a still picture, a cut header) shows here, before a
+    model load that can take minutes."""
+    with _open(path) as container:
+        _video_stream(container, path)
 
 
 def check_window(path, start_s: float | None, end_s: float | None) -> None:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from stgcli.cli import main
@@ -207,4 +208,22 @@ def test_a_reversed_window_is_refused_before_the_model_loads(capsys, monkeypatch
                          (("--start", "2", "--end", "2"), "must be before end 2.0s"),
                          (("--end", "-1"), "window end -1.0s must be a time >= 0")):
         code, _, err = run(capsys, "ground", str(EXAMPLE), "the red circle", *args)
+        assert_user_error(code, err, needle)
+
+
+def test_a_file_that_is_no_video_is_refused_before_the_model_loads(capsys, monkeypatch, tmp_path):
+    """A 7B model takes minutes to load: a text file, an audio file or a photo is told at once."""
+    import cv2
+
+    from stgcli import weights
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the file was looked at")
+
+    monkeypatch.setattr(weights, "load_model", no_load)
+    (tmp_path / "notes.mp4").write_text("not a video\n")
+    cv2.imwrite(str(tmp_path / "photo.jpg"), np.zeros((32, 32, 3), np.uint8))
+    for name, needle in (("notes.mp4", "notes.mp4: not a readable video file"),
+                         ("photo.jpg", "photo.jpg: a still JPEG picture, not a video")):
+        code, _, err = run(capsys, "ground", str(tmp_path / name), "the red circle")
         assert_user_error(code, err, needle)

@@ -282,6 +282,26 @@ def test_unusable_files_raise_one_line_video_errors(clip, name, match):
         video.iter_frames(clip(name))  # checked on the call, before the first frame
 
 
+@pytest.mark.parametrize("ext, kind", [("png", "PNG"), ("jpg", "JPEG"), ("webp", "WEBP"), ("bmp", "BMP")])
+def test_a_still_picture_is_refused_not_grounded_as_a_video(tmp_path, ext, kind):
+    """FFmpeg reads a PNG as a 1-frame stream at an invented 25 fps: stg grounded it ('not found') and
+    reported fps 25 and 0.04 s. It is refused with one line instead. An animated GIF is a video."""
+    import cv2
+
+    pic = tmp_path / f"photo.{ext}"
+    assert cv2.imwrite(str(pic), np.full((48, 64, 3), 200, np.uint8))
+    for call in (video.probe, lambda p: video.sample_frames(p, 4), video.iter_frames):
+        with pytest.raises(VideoError, match=rf"photo\.{ext}: a still {kind} picture, not a video") as err:
+            call(pic)
+        assert "\n" not in str(err.value)
+    from PIL import Image
+
+    gif = tmp_path / "anim.gif"
+    frames = [Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)) for i in range(5)]
+    frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert video.probe(gif).num_frames == 5 and video.sample_frames(gif, 3).frames.shape[0] == 3
+
+
 def test_directory_and_missing_path(clip_dir):
     with pytest.raises(VideoError, match="is a directory"):
         video.probe(clip_dir)
@@ -534,7 +554,8 @@ def test_a_cover_picture_is_not_taken_for_the_video():
 
     def holding(*dispositions, audio=()):
         video = [SimpleNamespace(index=i, disposition=d) for i, d in enumerate(dispositions)]
-        return SimpleNamespace(streams=SimpleNamespace(video=video, audio=list(audio)))
+        return SimpleNamespace(streams=SimpleNamespace(video=video, audio=list(audio)),
+                               format=SimpleNamespace(name="mov,mp4,m4a,3gp,3g2,mj2"))
 
     assert video._video_stream(holding(pic, 0), "a.mp4").index == 1
     assert video._video_stream(holding(0, pic), "a.mp4").index == 0
