@@ -152,9 +152,16 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stamps: list[float] = []
     rss: dict[int, tuple[int, int]] = {}
+    seen, count = 0, 0  # bytes read so far, lines in them: each poll reads only what was appended (rereading
+    # the whole file every 5 ms took up to ~6% of a core from the 2 the measured batch runs on)
     while True:
         done = proc.poll() is not None
-        count = out.read_bytes().count(b"\n") if out.exists() else 0
+        if out.exists():
+            with open(out, "rb") as f:
+                f.seek(seen)
+                new = f.read()
+            seen += len(new)
+            count += new.count(b"\n")
         now = time.perf_counter()
         stamps.extend([now] * (count - len(stamps)))
         if not done:
