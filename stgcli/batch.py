@@ -380,7 +380,7 @@ class BatchCounts(NamedTuple):
     failed_earlier: int = 0
 
 
-def run_batch(source: Path | None, out_path: Path, query: str | Sequence[str] | None = None, model=None,
+def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike[str], query: str | Sequence[str] | None = None, model=None,
               frames: int | None = None, device: str = "auto", quant: str | None = None, resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,
@@ -414,6 +414,7 @@ def run_batch(source: Path | None, out_path: Path, query: str | Sequence[str] | 
         raise UserError(f"--workers {workers}: must be at least 1")
     if decode_timeout is not None and not decode_timeout >= 0:
         raise UserError(f"--decode-timeout {decode_timeout}: must be a number of seconds (0: no limit)")
+    out_path = Path(out_path)
     if items is None:
         items = collect_items(Path(source), query)
     items = _normalize_items(items)

@@ -48,8 +48,8 @@ def test_folder_with_query_and_resume(folder, tmp_path, model):
     assert sorted(Path(d["video"]["path"]).name for d in docs) == ["a.mp4", "b.mp4", "c.mp4"]
     for d in docs:
         validate(d)
-    ok, failed, skipped, _ = run_batch(folder, out, query="the red circle", model=model, progress=False)
-    assert (ok, failed, skipped) == (0, 0, 3)
+    ok, failed, skipped, _ = run_batch(str(folder), str(out), query="the red circle", model=model, progress=False)
+    assert (ok, failed, skipped) == (0, 0, 3)  # paths as str, as a notebook passes them
     assert len(lines(out)) == 3  # nothing duplicated
     # a new query on the same videos is new work
     ok, _, skipped, _ = run_batch(folder, out, query="the blue square", model=model, progress=False)
