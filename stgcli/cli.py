@@ -272,22 +272,15 @@ def batch(source: Path, out_path: Path, queries, model_name, frames, device, qua
               help="Output MP4 (default: VIDEO's name + .annotated.mp4 beside RESULT).")
 @click.option("--overlay", default="box,label,trace,timeline", show_default=True,
               help="Comma-separated overlays: box, label, trace, timeline.")
+@click.option("--query", default=None, help="With a batch .jsonl: the query whose line to draw, when VIDEO has several.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
-def render(video: Path, result: Path, out_path, overlay, force) -> None:
-    """Draw RESULT (stg.grounding/v1 JSON) onto VIDEO as an H.264 MP4."""
-    import json
-
-    from .render import parse_overlays, render as run
-    from .result import GroundingResult, check_output_path, check_result_path
+def render(video: Path, result: Path, out_path, overlay, query, force) -> None:
+    """Draw RESULT (a stg ground .json, or VIDEO's line of a stg batch .jsonl) onto VIDEO as an H.264 MP4."""
+    from .render import load_result, parse_overlays, render as run
+    from .result import check_output_path
 
     overlays = parse_overlays(overlay)
-    check_result_path(result, f"write one with `stg ground VIDEO QUERY --out {result}`")
-    try:
-        res = GroundingResult.from_dict(json.loads(result.read_text()))
-    except OSError as e:
-        raise UserError(f"{result}: cannot read it ({e.strerror or e})") from None
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{result}: not a stg.grounding/v1 document ({e})") from None
+    res = load_result(result, video, query)
     out_path = out_path or result.with_name(video.stem + ".annotated.mp4")
     check_output_path(out_path, force, source=video)
     notes: list[str] = []

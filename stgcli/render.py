@@ -59,6 +59,61 @@ def parse_overlays(spec: str) -> tuple[str, ...]:
     return names
 
 
+def load_result(path: str | os.PathLike, video: str | os.PathLike, query: str | None = None):
+    """The result to draw on `video`: a `stg ground` .json, or the line of a `stg batch` .jsonl that
+    is `video`'s (and `query`'s, when the video was asked several queries). The latest line of a
+    pair counts (a --retry-failed line supersedes the error before it); a path matches however it
+    is spelled, as on resume."""
+    import json
+
+    from .result import GroundingResult, ResultError, check_result_path, latest_per_pair, read_jsonl
+
+    p = check_result_path(path, f"write one with `stg ground VIDEO QUERY --out {path}`")
+    try:
+        docs = [json.loads(p.read_text(encoding="utf-8"))]
+    except OSError as e:
+        raise UserError(f"{p}: cannot read it ({e.strerror or e})") from None
+    except ValueError as e:  # several documents: a batch output (a torn last line is skipped)
+        docs = latest_per_pair(read_jsonl(p).records)
+        if not docs:  # not even one line: a broken or empty file
+            raise ResultError(f"{p}: not a stg.grounding/v1 document ({e})") from None
+    if len(docs) > 1:
+        docs = _lines_for(p, docs, video, query)
+    elif query is not None and isinstance(docs[0], dict) and docs[0].get("query") != query:
+        raise UserError(f"{p}: its result is for {docs[0].get('query')!r}, not --query {query!r}")
+    try:
+        res = GroundingResult.from_dict(docs[0])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ResultError(f"{p}: not a stg.grounding/v1 document ({e})") from None
+    if res.error is not None:
+        raise UserError(f"{p}: the result for {video} is an error ({res.error.message}); nothing to draw")
+    return res
+
+
+def _lines_for(path: Path, docs: list, video, query: str | None) -> list:
+    """The one record of `docs` for `video` (and `query`), or a UserError that says what is there."""
+    from .batch import _file_key, _recorded_keys
+
+    keys = {}
+    for d in docs:
+        try:
+            keys[id(d)] = (str(d["video"]["path"]), str(d["query"]))
+        except (KeyError, TypeError):
+            raise UserError(f"{path}: not a stg.grounding/v1 document (no video.path/query)") from None
+    me = _file_key(os.fspath(video))
+    where = _recorded_keys(set(keys.values()), {(me, q) for _, q in keys.values()})
+    mine = [d for d in docs if where[keys[id(d)]][0] == me]
+    hits = [d for d in mine if query is None or keys[id(d)][1] == query]
+    if len(hits) == 1:
+        return hits
+    if not mine:
+        raise UserError(f"{path}: none of its {len(docs)} results is for {video}; pass the video it was made on")
+    queries = ", ".join(repr(keys[id(d)][1]) for d in mine)
+    if not hits:
+        raise UserError(f"{path}: no result for {video} with --query {query!r}; its queries there: {queries}")
+    raise UserError(f"{path}: {len(hits)} results for {video}; choose one with --query (its queries: {queries})")
+
+
 def check_result_fits(video, info, result) -> None:
     """A result drawn onto another video puts boxes in the wrong place: refuse it. Same display
     size, and no track frame beyond the video's last (a re-encoded copy of the same video passes)."""

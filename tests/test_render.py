@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from stgcli.render import render
+from stgcli.errors import UserError
 from stgcli.result import GroundingResult
 from tests.test_cli import EXAMPLE, TRUTH, assert_user_error, run
 
@@ -199,6 +200,53 @@ def test_audio_mp4_cannot_hold_is_reencoded(tmp_path):
     out = render(src, empty_result(src, 160, 96, 25, 25.0), tmp_path / "o.mp4", notes=notes)
     click, codec = click_after_first_frame(out)
     assert codec == "aac" and click == pytest.approx(0.4, abs=0.03) and notes == []
+
+
+def test_render_takes_its_line_from_a_batch_jsonl(capsys, tmp_path, monkeypatch):
+    """After `stg batch` a user renders one clip straight from results.jsonl: the line for VIDEO
+    (however its path is spelled), --query when it was asked several, the newest line of a pair."""
+    import shutil
+
+    from stgcli.render import load_result
+    from stgcli.result import error_result
+
+    other = tmp_path / "clips" / "other.mp4"
+    other.parent.mkdir()
+    shutil.copy(EXAMPLE, other)
+    still = "the blue square that stays still"
+    mine, second = truth_result(), truth_result(query=still)
+    lines = [error_result(str(EXAMPLE), QUERY, "VideoError", "cannot open").to_dict(),  # superseded below
+             truth_result(video=other).to_dict(), mine.to_dict(), second.to_dict()]
+    jl = tmp_path / "results.jsonl"
+    jl.write_text("".join(json.dumps(d) + "\n" for d in lines))
+    with pytest.raises(UserError, match="2 results for .*shapes.mp4; choose one with --query "
+                                        "\\(its queries: 'the red circle moving left', 'the blue square that stays still'\\)"):
+        load_result(jl, EXAMPLE)
+    assert load_result(jl, EXAMPLE, QUERY).to_dict() == mine.to_dict()
+    monkeypatch.chdir(EXAMPLE.parent)  # spelled relative to the current folder
+    assert load_result(jl, EXAMPLE.name, still).query == still
+    assert load_result(jl, other).video.path == str(other)
+    with pytest.raises(UserError, match="no result for .* with --query 'a dog'; its queries there"):
+        load_result(jl, EXAMPLE, "a dog")
+    with pytest.raises(UserError, match="none of its 3 results is for .*elsewhere.mp4"):
+        load_result(jl, tmp_path / "elsewhere.mp4")
+    jl.write_text(json.dumps(lines[0]) + "\n" + json.dumps(lines[1]) + "\n")
+    with pytest.raises(UserError, match="the result for .*shapes.mp4 is an error \\(cannot open\\)"):
+        load_result(jl, EXAMPLE)
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(mine.to_dict()))
+    with pytest.raises(UserError, match="its result is for 'the red circle moving left', not --query 'a dog'"):
+        load_result(one, EXAMPLE, "a dog")
+    one.write_text('{"schema": "stg.grounding/v1", "vid')
+    with pytest.raises(UserError, match="one.json: not a stg.grounding/v1 document"):
+        load_result(one, EXAMPLE)
+    # and through the command line
+    jl.write_text("".join(json.dumps(d) + "\n" for d in (mine.to_dict(), second.to_dict())))
+    out = tmp_path / "o.mp4"
+    code, _, err = run(capsys, "render", str(EXAMPLE), str(jl), "--out", str(out))
+    assert_user_error(code, err, "choose one with --query")
+    code, _, err = run(capsys, "render", str(EXAMPLE), str(jl), "--query", QUERY, "--out", str(out), "--overlay", "box")
+    assert code == 0 and out.exists(), err
 
 
 def test_result_of_another_video_is_refused(capsys, tmp_path):
