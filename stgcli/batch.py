@@ -380,7 +380,8 @@ class BatchCounts(NamedTuple):
     failed_earlier: int = 0
 
 
-def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike[str], query: str | Sequence[str] | None = None, model=None,
+def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike[str],
+              query: str | Sequence[str] | None = None, model=None,
               frames: int | None = None, device: str = "auto", quant: str | None = None, resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,

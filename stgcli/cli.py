@@ -272,7 +272,8 @@ def batch(source: Path, out_path: Path, queries, model_name, frames, device, qua
               help="Output MP4 (default: VIDEO's name + .annotated.mp4 beside RESULT).")
 @click.option("--overlay", default="box,label,trace,timeline", show_default=True,
               help="Comma-separated overlays: box, label, trace, timeline.")
-@click.option("--query", default=None, help="With a batch .jsonl: the query whose line to draw, when VIDEO has several.")
+@click.option("--query", default=None,
+              help="With a batch .jsonl: the query whose line to draw, when VIDEO has several.")
 @click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
 def render(video: Path, result: Path, out_path, overlay, query, force) -> None:
     """Draw RESULT (a stg ground .json, or VIDEO's line of a stg batch .jsonl) onto VIDEO as an H.264 MP4."""

@@ -219,8 +219,8 @@ def test_render_takes_its_line_from_a_batch_jsonl(capsys, tmp_path, monkeypatch)
              truth_result(video=other).to_dict(), mine.to_dict(), second.to_dict()]
     jl = tmp_path / "results.jsonl"
     jl.write_text("".join(json.dumps(d) + "\n" for d in lines))
-    with pytest.raises(UserError, match="2 results for .*shapes.mp4; choose one with --query "
-                                        "\\(its queries: 'the red circle moving left', 'the blue square that stays still'\\)"):
+    with pytest.raises(UserError, match="2 results for .*shapes.mp4; choose one with --query \\(its queries: "
+                                        f"'the red circle moving left', '{still}'\\)"):
         load_result(jl, EXAMPLE)
     assert load_result(jl, EXAMPLE, QUERY).to_dict() == mine.to_dict()
     monkeypatch.chdir(EXAMPLE.parent)  # spelled relative to the current folder
