@@ -117,33 +117,6 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None, 
     return out
 
 
-def _file_key(path: str) -> str:
-    return os.path.realpath(path)
-
-
-def _recorded_keys(recorded: set[tuple[str, str]], wanted: set[tuple[str, str]]) -> dict:
-    """Map each (video.path, query) in the output to the key of the pair it was written for.
-
-    A path resolves from the current folder, however it is spelled. A relative one that does not
-    exist from here was most likely written by a run started in another folder: it stands for the
-    wanted file whose real path ends with it, if exactly one does (if none or several do, the pair
-    runs again; a second line beats a lost result).
-    """
-    by_name: dict[tuple[str, str], list[str]] = {}
-    for path, query in wanted:
-        by_name.setdefault((os.path.basename(path), query), []).append(path)
-    out = {}
-    for video, query in recorded:
-        key = (_file_key(video), query)
-        if key not in wanted and not os.path.isabs(video) and not os.path.lexists(video):
-            tail = os.sep + os.path.normpath(video)
-            hits = [p for p in by_name.get((os.path.basename(tail), query), ()) if p.endswith(tail)]
-            if len(hits) == 1:
-                key = (hits[0], query)
-        out[(video, query)] = key
-    return out
-
-
 # Far beyond any healthy clip (a long file without an index is read whole to find its frames: minutes
 # at worst), and short enough that a batch left overnight does not sit on one file.
 DECODE_TIMEOUT_S = 600.0
@@ -406,7 +379,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     from tqdm import tqdm
 
     from .pipeline import check_frames, check_query, ground_prepared, model_input_size, prepare_sampled
-    from .result import JsonlWriter, error_result
+    from .result import JsonlWriter, error_result, file_key, match_recorded
     from .weights import LoadedModel, load_model
 
     check_frames(frames)
@@ -432,8 +405,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     # the manifest another way must not ground every pair a second time.
     unique = {}
     for it in items:
-        unique.setdefault((_file_key(it[0]), it[1]), it)
-    recorded = _recorded_keys(writer.keys(), set(unique))
+        unique.setdefault((file_key(it[0]), it[1]), it)
+    recorded = match_recorded(writer.keys(), set(unique))
     failed = {recorded[k] for k in writer.failed()}
     done = set(recorded.values()) - (failed if retry_failed else set())
     todo = [it for key, it in unique.items() if key not in done]
@@ -453,7 +426,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     # decoded once, and its pairs are grounded one after the other.
     clips: dict[tuple, list] = {}
     for item in todo:
-        clips.setdefault((_file_key(item[0]), item[2], item[3]), []).append(item)
+        clips.setdefault((file_key(item[0]), item[2], item[3]), []).append(item)
     decoders = _Decoders(workers, n, model_input_size(loaded), decode_timeout or None)
     in_flight: deque = deque()  # the pairs of each clip in the decoders' window, in the same order
 

@@ -92,7 +92,7 @@ def load_result(path: str | os.PathLike, video: str | os.PathLike, query: str | 
 
 def _lines_for(path: Path, docs: list, video, query: str | None) -> list:
     """The one record of `docs` for `video` (and `query`), or a UserError that says what is there."""
-    from .batch import _file_key, _recorded_keys
+    from .result import file_key, match_recorded
 
     keys = {}
     for d in docs:
@@ -100,8 +100,8 @@ def _lines_for(path: Path, docs: list, video, query: str | None) -> list:
             keys[id(d)] = (str(d["video"]["path"]), str(d["query"]))
         except (KeyError, TypeError):
             raise UserError(f"{path}: not a stg.grounding/v1 document (no video.path/query)") from None
-    me = _file_key(os.fspath(video))
-    where = _recorded_keys(set(keys.values()), {(me, q) for _, q in keys.values()})
+    me = file_key(os.fspath(video))
+    where = match_recorded(set(keys.values()), {(me, q) for _, q in keys.values()})
     mine = [d for d in docs if where[keys[id(d)]][0] == me]
     hits = [d for d in mine if query is None or keys[id(d)][1] == query]
     if len(hits) == 1:

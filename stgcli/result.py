@@ -59,8 +59,10 @@ __all__ = [
     "VideoMeta",
     "build_track",
     "error_result",
+    "file_key",
     "latest_per_pair",
     "load_schema",
+    "match_recorded",
     "read_jsonl",
     "read_jsonl_lines",
     "sanitize_xyxy",
@@ -835,6 +837,34 @@ def check_output_path(path: str | os.PathLike[str], force: bool = False, option:
 
 def _record_key(doc: Any) -> tuple[str, str]:
     return (str(doc["video"]["path"]), str(doc["query"]))
+
+
+def file_key(path: str) -> str:
+    """What identifies a video file however its path is spelled (relative, absolute, via a symlink)."""
+    return os.path.realpath(path)
+
+
+def match_recorded(recorded: set[tuple[str, str]], wanted: set[tuple[str, str]]) -> dict:
+    """Map each (video.path, query) in the output to the key of the pair it was written for.
+
+    A path resolves from the current folder, however it is spelled. A relative one that does not
+    exist from here was most likely written by a run started in another folder: it stands for the
+    wanted file whose real path ends with it, if exactly one does (if none or several do, the pair
+    runs again; a second line beats a lost result).
+    """
+    by_name: dict[tuple[str, str], list[str]] = {}
+    for path, query in wanted:
+        by_name.setdefault((os.path.basename(path), query), []).append(path)
+    out = {}
+    for video, query in recorded:
+        key = (file_key(video), query)
+        if key not in wanted and not os.path.isabs(video) and not os.path.lexists(video):
+            tail = os.sep + os.path.normpath(video)
+            hits = [p for p in by_name.get((os.path.basename(tail), query), ()) if p.endswith(tail)]
+            if len(hits) == 1:
+                key = (hits[0], query)
+        out[(video, query)] = key
+    return out
 
 
 def latest_per_pair(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
