@@ -179,7 +179,8 @@ def _video_stream(container, path) -> object:
     import av
 
     fmt = container.format.name.split(",")[0]
-    if fmt == "image2" or fmt.endswith("_pipe"):  # FFmpeg's single-image readers: png_pipe, jpeg_pipe, ...
+    # FFmpeg's single-image readers: png_pipe, jpeg_pipe, ... (not gif_pipe: a GIF may be animated)
+    if fmt == "image2" or (fmt.endswith("_pipe") and fmt != "gif_pipe"):
         # It would pass as a 1-frame "video" at an invented 25 fps; grounding asks when, which
         # a still picture cannot answer.
         kind = fmt.removesuffix("_pipe").upper() if fmt != "image2" else "image"

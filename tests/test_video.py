@@ -552,10 +552,14 @@ def test_a_cover_picture_is_not_taken_for_the_video():
 
     pic = int(av.stream.Disposition.attached_pic)
 
-    def holding(*dispositions, audio=()):
+    def holding(*dispositions, audio=(), fmt="mov,mp4,m4a,3gp,3g2,mj2"):
         video = [SimpleNamespace(index=i, disposition=d) for i, d in enumerate(dispositions)]
         return SimpleNamespace(streams=SimpleNamespace(video=video, audio=list(audio)),
-                               format=SimpleNamespace(name="mov,mp4,m4a,3gp,3g2,mj2"))
+                               format=SimpleNamespace(name=fmt))
+
+    assert video._video_stream(holding(0, fmt="gif_pipe"), "a.gif").index == 0  # a GIF may be animated
+    with pytest.raises(VideoError, match="a.png: a still PNG picture"):
+        video._video_stream(holding(0, fmt="png_pipe"), "a.png")
 
     assert video._video_stream(holding(pic, 0), "a.mp4").index == 1
     assert video._video_stream(holding(0, pic), "a.mp4").index == 0
