@@ -36,14 +36,15 @@ def check_frames(frames: int | None) -> None:
 
 
 def check_video_path(video: str | os.PathLike, start_s: float | None = None,
-                     end_s: float | None = None) -> None:
+                     end_s: float | None = None, open_it: bool = True) -> None:
     """The mistakes worth catching before a model load (missing, a folder, empty, a reversed window,
-    not a video)."""
+    and with `open_it`, not a video: an extra open of the file, worth it only when a load follows)."""
     from .video import check_openable, check_path, check_window
 
     check_path(video)
     check_window(video, start_s, end_s)
-    check_openable(video)
+    if open_it:
+        check_openable(video)
 
 
 def unknown_words(query: str, vocabulary: set[str] | None) -> list[str]:
@@ -200,7 +201,8 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     t0 = time.perf_counter()
     query = check_query(query)
     check_frames(frames)
-    check_video_path(video, start_s, end_s)  # cheap mistakes first, before a model load
+    # Cheap mistakes first, before a model load; a loaded model's clip is opened once, by the decode.
+    check_video_path(video, start_s, end_s, open_it=not isinstance(model, LoadedModel))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
                                                                      span_decoding=span_decoding)

@@ -178,7 +178,7 @@ def _video_stream(container, path) -> object:
     --embed-thumbnail writes), or a VideoError that says what the file holds instead."""
     import av
 
-    fmt = container.format.name.split(",")[0]
+    fmt = _format_name(container)
     # FFmpeg's single-image readers: png_pipe, jpeg_pipe, ... (not gif_pipe: a GIF may be animated)
     if fmt == "image2" or (fmt.endswith("_pipe") and fmt != "gif_pipe"):
         # It would pass as a 1-frame "video" at an invented 25 fps; grounding asks when, which

@@ -194,3 +194,32 @@ def test_too_many_frames_warns_with_a_number_that_fits(model, monkeypatch):
     assert 1 <= fits < 16
     assert len(prepare(model, EXAMPLE, "the red circle", frames=fits)["ids"]) <= 200
     assert not [w for w in ground(EXAMPLE, "the red circle", model=model, frames=fits).warnings if "positions" in w]
+
+
+def test_the_file_is_looked_at_before_a_load_and_not_again_after(model, tmp_path, monkeypatch):
+    """ground() with a model name opens the file before loading anything, so a still picture is refused
+    at once; with a loaded model that extra open is skipped (the decode says the same)."""
+    import cv2
+
+    from stgcli import video as video_module
+    from stgcli import weights
+    from stgcli.errors import VideoError
+
+    pic = tmp_path / "photo.png"
+    cv2.imwrite(str(pic), np.zeros((32, 32, 3), np.uint8))
+
+    def no_load(*a, **k):
+        raise AssertionError("the model loaded before the file was looked at")
+
+    monkeypatch.setattr(weights, "load_model", no_load)
+    with pytest.raises(VideoError, match="photo.png: a still PNG picture"):
+        ground(pic, "the red circle", model="spacevllm-tiny-shapes")
+    with pytest.raises(VideoError, match="photo.png: a still PNG picture"):
+        ground(pic, "the red circle", model=model)
+    looked, real = [], video_module.check_openable
+    monkeypatch.setattr(video_module, "check_openable", lambda p: (looked.append(p), real(p))[1])
+    monkeypatch.setattr(weights, "load_model", lambda *a, **k: model)
+    assert ground(EXAMPLE, "the red circle", model="spacevllm-tiny-shapes").span is not None
+    assert looked == [EXAMPLE]
+    ground(EXAMPLE, "the red circle", model=model)
+    assert looked == [EXAMPLE]  # not opened a second time for the check
