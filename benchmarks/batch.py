@@ -74,7 +74,7 @@ while True:
 """
 
 
-def standalone_costs(paths: list[Path]) -> tuple[float, float, float]:
+def standalone_costs(paths: list[Path], dtype: str = "auto") -> tuple[float, float, float]:
     """CPU seconds per clip of stg's own decode and of the model alone (torch on 1 thread),
     one after the other: what the batch has to fit onto the machine's cores. Third: the model's
     CPU seconds per clip again while another process decodes on the other core(s), to show
@@ -84,7 +84,7 @@ def standalone_costs(paths: list[Path]) -> tuple[float, float, float]:
     from stgcli.pipeline import prepare, run_model
     from stgcli.weights import load_model
 
-    m = load_model(device="cpu")
+    m = load_model(device="cpu", dtype=dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -141,12 +141,12 @@ cli(sys.argv[1:])
 """
 
 
-def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True) -> dict:
+def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True, dtype: str = "auto") -> dict:
     """Run `stg batch` in a subprocess and timestamp every result line as it lands."""
     out = tmp / "results.jsonl"
     if out.exists():
         out.unlink()
-    args = ["batch", str(manifest), "--out", str(out), "--device", "cpu", "--workers", str(workers)]
+    args = ["batch", str(manifest), "--out", str(out), "--device", "cpu", "--workers", str(workers), "--dtype", dtype]
     cmd = [PY, "-m", "stgcli", *args] if model else [PY, "-c", _NO_MODEL, *args]
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -181,7 +181,7 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     steady = (stamps[-1] - stamps[0]) / (n - 1)
     decode = statistics.mean(d["timing_s"]["decode"] for d in docs if not d.get("error"))
     model = statistics.mean(d["timing_s"]["model"] for d in docs if not d.get("error"))
-    return {"workers": workers, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
+    return {"workers": workers, "dtype": dtype, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
             "total_s": time.perf_counter() - t_start, "failed": failed,
             "in_worker_decode_s": decode, "model_s": model,
             "peak_rss_mib_at_10": rss[10][1] / 1024, "peak_rss_mib_at_n": rss[n][1] / 1024}
@@ -243,6 +243,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=4242)
     ap.add_argument("--workers", type=int, nargs="+", default=[1])
     ap.add_argument("--repeat", type=int, default=1, help="paired (decord loop, stg batch) runs per --workers")
+    ap.add_argument("--dtype", nargs="+", default=["auto"], help="stg batch --dtype values to run (float32 on CPU "
+                    "is auto's choice; bfloat16 is the opt-in)")
     ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -263,31 +265,33 @@ def main() -> None:
     manifest.write_text("".join(json.dumps({"video": str(p), "query": r["query"]}) + "\n"
                                 for p, r in zip(paths, rows)))
 
-    own_decode, own_model, model_busy = standalone_costs(paths[:30])
+    costs_of = {d: standalone_costs(paths[:30], d) for d in args.dtype}
     cores = os.cpu_count() or 1
-    floor = max(own_decode, own_model, (own_decode + own_model) / cores)
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
     # 0.128 s/clip in two runs an hour apart), so each stg run is paired with a decord loop measured
     # right before it, and every pairing is repeated: the ratio of a pair is what is compared.
-    def paired(rep: int, workers: int, model: bool = True) -> dict:
+    def paired(rep: int, workers: int, model: bool = True, dtype: str = "auto") -> dict:
         base, base_cpu = decord_baseline(paths, frames, size)
-        r = run_batch(manifest, args.n, workers, tmp, model=model)
+        r = run_batch(manifest, args.n, workers, tmp, model=model, dtype=dtype)
         r.update(repeat=rep, decord_s_per_clip=base, decord_cpu_s_per_clip=base_cpu,
                  ratio=r["steady_s_per_clip"] / base)
         return r
 
-    runs = [paired(rep, w) for rep in range(args.repeat) for w in args.workers]
+    runs = [paired(rep, w, dtype=d) for rep in range(args.repeat) for d in args.dtype for w in args.workers]
     # the same pairing, with the model's forward taken out
     free = [paired(rep, args.workers[-1], model=False) for rep in range(args.repeat)]
     cold = cold_start(tmp)
     helps = help_latency()
+
+    def label(r: dict) -> str:
+        return f"stg batch --workers {r['workers']}" + (f" --dtype {r['dtype']}" if r["dtype"] != "auto" else "")
 
     lines = ["| run | decord loop s/clip (right before) | stg steady s/clip | ratio | start-up s | "
              f"peak RSS clip 10 MiB | peak RSS clip {args.n} MiB | RSS growth |",
              "|---|---|---|---|---|---|---|---|"]
     for r in runs:
         r["rss_growth"] = r["peak_rss_mib_at_n"] / r["peak_rss_mib_at_10"] - 1
-        lines.append(f"| stg batch --workers {r['workers']} (run {r['repeat'] + 1}) | {r['decord_s_per_clip']:.3f} | "
+        lines.append(f"| {label(r)} (run {r['repeat'] + 1}) | {r['decord_s_per_clip']:.3f} | "
                      f"{r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
                      f"{r['startup_s']:.2f} | {r['peak_rss_mib_at_10']:.0f} | {r['peak_rss_mib_at_n']:.0f} | "
                      f"{100 * r['rss_growth']:+.1f}% |")
@@ -296,55 +300,65 @@ def main() -> None:
                      f"{r['decord_s_per_clip']:.3f} | {r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
                      f"{r['startup_s']:.2f} | | | |")
     free_ratio = statistics.median(r["ratio"] for r in free)
-    medians = {w: statistics.median(r["ratio"] for r in runs if r["workers"] == w) for w in args.workers}
-    best_w = min(medians, key=medians.get)
-    best = dict(min((r for r in runs if r["workers"] == best_w), key=lambda r: abs(r["ratio"] - medians[best_w])),
-                ratio=medians[best_w])
+    medians = {(d, w): statistics.median(r["ratio"] for r in runs if (r["dtype"], r["workers"]) == (d, w))
+               for d in args.dtype for w in args.workers}
     base = statistics.median(r["decord_s_per_clip"] for r in runs)
     base_cpu = statistics.median(r["decord_cpu_s_per_clip"] for r in runs)
     b = cold["breakdown_s"]
     cold_line = (f"`stg ground` cold start (process start to JSON written, median of 3): {cold['wall_s']:.2f} s; "
                  "breakdown in a fresh process: " + ", ".join(f"{k} {v:.2f} s" for k, v in b.items()))
-    verdict = (f"steady-state ratio {best['ratio']:.2f}, median over {args.repeat} paired run(s) of "
-               f"--workers {best_w} ({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} "
-               f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
-               f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%); "
-               f"`stg --help` {helps:.2f} s ({'meets' if helps < 1 else 'misses'} < 1 s)")
-    costs = (f"CPU per clip, measured alone: stg decode {own_decode:.3f} s, model {own_model:.3f} s (1 thread); "
-             f"on {cores} cores no schedule beats max(decode, model, (decode + model) / cores) = {floor:.3f} s, "
-             f"a ratio of {floor / base:.2f} to the median decord loop ({base:.3f} s). While another process "
-             f"decodes, the model takes {model_busy:.3f} CPU s per clip ({model_busy / own_model - 1:+.0%})"
-             + (": two busy cores slow each other here, so that floor is not reachable on this machine."
-                if model_busy > 1.1 * own_model else "."))
+    verdicts, costs, best_of = [], [], {}
+    for d in args.dtype:
+        best_w = min(args.workers, key=lambda w: medians[(d, w)])
+        best = best_of[d] = dict(min((r for r in runs if (r["dtype"], r["workers"]) == (d, best_w)),
+                                     key=lambda r: abs(r["ratio"] - medians[(d, best_w)])), ratio=medians[(d, best_w)])
+        flag = "" if d == "auto" else f" --dtype {d}"
+        verdicts.append(f"steady-state ratio {best['ratio']:.2f}, median over {args.repeat} paired run(s) of "
+                        f"--workers {best_w}{flag} ({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} "
+                        f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
+                        f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%)")
+        own_decode, own_model, model_busy = costs_of[d]
+        floor = max(own_decode, own_model, (own_decode + own_model) / cores)
+        costs.append(f"CPU per clip, measured alone{flag or ' (float32)'}: stg decode {own_decode:.3f} s, model "
+                     f"{own_model:.3f} s (1 thread); on {cores} cores no schedule beats max(decode, model, "
+                     f"(decode + model) / cores) = {floor:.3f} s, a ratio of {floor / base:.2f} to the median decord "
+                     f"loop ({base:.3f} s). While another process decodes, the model takes {model_busy:.3f} CPU s "
+                     f"per clip ({model_busy / own_model - 1:+.0%})"
+                     + (": two busy cores slow each other here, so that floor is not reachable on this machine."
+                        if model_busy > 1.1 * own_model else "."))
+    verdict = "; ".join(verdicts) + f"; `stg --help` {helps:.2f} s ({'meets' if helps < 1 else 'misses'} < 1 s)"
+    costs = " ".join(costs)
     costs += (f" The decord loop itself takes {base_cpu:.3f} CPU s per clip ({base_cpu / base:.1f} cores busy): "
               f"stg has to fit decode and model into the {cores} cores that decord's decoding alone spreads over.")
     costs += (f" With the model's forward taken out (an empty answer instead), the same pipeline (decode, "
               f"preprocess, results, fsynced lines) runs at a median ratio of {free_ratio:.2f}: what is left "
               "above that is the model's CPU time.")
+    inside = "; ".join(f"{label(best)}: decode in a worker process {best['in_worker_decode_s']:.3f} s, model "
+                       f"{best['model_s']:.3f} s" for best in best_of.values())
     text = "\n".join(lines)
     print(text)
     print(costs)
-    print(f"per clip inside stg batch (wall): decode in a worker process {best['in_worker_decode_s']:.3f} s, "
-          f"model {best['model_s']:.3f} s")
+    print(f"per clip inside stg batch (wall): {inside}")
     print(cold_line)
     print(verdict)
     if args.no_write:
         return
     when, where = today(), machine()
     out = {"date": when, "machine": where, "n": args.n, "seed": args.seed, "frames": frames, "size": size,
-           "repeat": args.repeat, "best_workers": best_w, "median_ratio": medians,
+           "repeat": args.repeat, "dtypes": args.dtype,
+           "median_ratio": {f"{d} workers {w}": v for (d, w), v in medians.items()},
            "decord_s_per_clip_median": base, "decord_cpu_s_per_clip_median": base_cpu,
-           "stg_decode_cpu_s": own_decode, "model_cpu_s": own_model,
-           "model_cpu_s_while_decoding": model_busy,
-           "floor_s_per_clip": floor, "runs": runs, "runs_model_forward_taken_out": free, "cold_start": cold, "help_s": helps}
+           "standalone_cpu_s": {d: dict(zip(("decode", "model", "model_while_decoding"), c))
+                                for d, c in costs_of.items()},
+           "runs": runs, "runs_model_forward_taken_out": free, "cold_start": cold, "help_s": helps}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
     write_section("## Batch", (
         f"## Batch (benchmarks/batch.py)\n\n{when}, {where}. Built-in model on CPU, {args.n} shapes-world "
         f"clips (seed {args.seed}), each with its own query; `python benchmarks/batch.py "
-        f"--n {args.n} --workers {' '.join(map(str, args.workers))} --repeat {args.repeat}`.\n\n{text}\n\n"
-        f"Inside stg batch per clip (wall): decode in a worker process "
-        f"{best['in_worker_decode_s']:.3f} s, model {best['model_s']:.3f} s. {costs}\n\n{cold_line}.\n\n"
+        f"--n {args.n} --workers {' '.join(map(str, args.workers))} --repeat {args.repeat}"
+        f"{' --dtype ' + ' '.join(args.dtype) if args.dtype != ['auto'] else ''}`.\n\n{text}\n\n"
+        f"Inside stg batch per clip (wall): {inside}. {costs}\n\n{cold_line}.\n\n"
         f"Verdict: {verdict}.\n"))
 
 

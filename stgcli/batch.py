@@ -355,7 +355,8 @@ class BatchCounts(NamedTuple):
 
 def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike[str],
               query: str | Sequence[str] | None = None, model=None,
-              frames: int | None = None, device: str = "auto", quant: str | None = None, resume: bool = True,
+              frames: int | None = None, device: str = "auto", quant: str | None = None, dtype: str = "auto",
+              resume: bool = True,
               progress: bool = True, workers: int | None = None, allow_pickle: bool = False,
               span_decoding: str = "joint", *,
               items=None, retry_failed: bool = False, decode_timeout: float | None = DECODE_TIMEOUT_S,
@@ -414,7 +415,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     failed_earlier = sum(1 for key in unique if key in failed and key in done)
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
-                                                                     span_decoding=span_decoding)
+                                                                     span_decoding=span_decoding, dtype=dtype)
     if writer.keys():
         check_out_matches(out_path, loaded, frames)
     n_ok = n_failed = 0

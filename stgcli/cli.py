@@ -134,6 +134,11 @@ _MODEL_OPTIONS = (
     click.option("--quant", type=click.Choice(["none", "4bit", "8bit"]), default=None,
                  help="Quantize the language model with bitsandbytes: 4bit = NF4 + double quant, 8bit = "
                       "LLM.int8 (default: the model's on CUDA, 4bit for spacevllm-7b; none on CPU)."),
+    click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+                 show_default=True,
+                 help="What the unquantized weights compute in. auto: bfloat16 on a GPU (float16 before Ampere), "
+                      "float32 on CPU. bfloat16 on a CPU with bf16 instructions (AVX512-BF16, AMX) runs the "
+                      "built-in model ~20% faster with the same scores, see README."),
     click.option("--span-decoding", type=click.Choice(["joint", "text"]), default="joint", show_default=True,
                  help="joint: the answer the language model and the per-frame presence scores agree on best; "
                       "text: the language model's free text alone."),
@@ -141,7 +146,7 @@ _MODEL_OPTIONS = (
 
 
 def _model_options(command):
-    """--model, --frames, --device, --quant, --span-decoding: how ground, batch and eval choose and run
+    """--model, --frames, --device, --quant, --dtype, --span-decoding: how ground, batch and eval choose and run
     a model."""
     for option in reversed(_MODEL_OPTIONS):
         command = option(command)
@@ -193,7 +198,7 @@ def _summary(res) -> str:
 @click.option("--force", is_flag=True, help="Overwrite --out / --render if they exist.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint; it can run code. Trusted "
               "sources only.")
-def ground(video: Path, query: str, model_name, frames, device, quant, span_decoding, start_s, end_s, out_path,
+def ground(video: Path, query: str, model_name, frames, device, quant, dtype, span_decoding, start_s, end_s, out_path,
            render_path,
            as_json, force, allow_pickle) -> None:
     """Find when and where QUERY is in VIDEO."""
@@ -208,7 +213,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
         if p is not None:
             check_output_path(p, force, opt, source=video)
     loaded = load_model(model_name, device=device, quant=quant, allow_pickle=allow_pickle, frames=frames,
-                        span_decoding=span_decoding)
+                        span_decoding=span_decoding, dtype=dtype)
     if device == "auto" and loaded.device == "cpu":  # after the load, so a model mistake stays one line
         click.echo("stg: note: no CUDA GPU found, running on CPU", err=True)
     res = run(video, query, model=loaded, frames=frames, start_s=start_s, end_s=end_s)
@@ -247,7 +252,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, span_deco
 @click.option("--retry-failed", is_flag=True,
               help="Ground again the pairs whose line in --out is an error; the new line supersedes it.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
-def batch(source: Path, out_path: Path, queries, model_name, frames, device, quant, span_decoding, workers,
+def batch(source: Path, out_path: Path, queries, model_name, frames, device, quant, dtype, span_decoding, workers,
           decode_timeout, resume, retry_failed, allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder or a video (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
@@ -255,7 +260,7 @@ def batch(source: Path, out_path: Path, queries, model_name, frames, device, qua
 
     check_output_path(out_path, force=True)  # appended to when it exists; a folder or unwritable place is not
     counts = run_batch(source, out_path, query=list(queries) or None, model=model_name, frames=frames, device=device,
-                       quant=quant, resume=resume, workers=workers, allow_pickle=allow_pickle,
+                       quant=quant, dtype=dtype, resume=resume, workers=workers, allow_pickle=allow_pickle,
                        span_decoding=span_decoding, retry_failed=retry_failed, decode_timeout=decode_timeout)
     earlier = (f" ({counts.failed_earlier} of them failed in an earlier run; --retry-failed grounds those "
                "again)") if counts.failed_earlier else ""
@@ -371,7 +376,7 @@ def _metrics_text(m: dict, protocol: str, groups: dict | None = None) -> str:
 @click.option("--force", is_flag=True, help="Overwrite --per-sample / --plot if they exist.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
 def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_failed, protocol, per_sample, plot_path,
-          frames, device, quant, span_decoding, as_json, force, allow_pickle) -> None:
+          frames, device, quant, dtype, span_decoding, as_json, force, allow_pickle) -> None:
     """Score a model on annotated videos: m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5."""
     import json
 
@@ -400,7 +405,7 @@ def eval_(annotations, fmt, videos, predictions, model_name, out_path, retry_fai
     if per_sample is not None and plot_path is not None and Path(per_sample).resolve() == Path(plot_path).resolve():
         raise UserError(f"{per_sample}: given to both --per-sample and --plot; give them different files")
     report = evaluate(annotations, fmt, videos=videos, predictions=predictions, model=model_name, out=out_path,
-                      protocol=protocol, frames=frames, device=device, quant=quant,
+                      protocol=protocol, frames=frames, device=device, quant=quant, dtype=dtype,
                       span_decoding=span_decoding, retry_failed=retry_failed, allow_pickle=allow_pickle)
     _echo_warnings(report.warnings)
     if per_sample is not None:

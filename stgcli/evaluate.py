@@ -201,7 +201,7 @@ def _plural(n: int, word: str) -> str:
 def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.PathLike[str] | None = None,
              predictions: str | os.PathLike[str] | None = None, model: Any = None,
              out: str | os.PathLike[str] | None = None, protocol: str = "stg", frames: int | None = None,
-             device: str = "auto", quant: str | None = None, progress: bool = True,
+             device: str = "auto", quant: str | None = None, dtype: str = "auto", progress: bool = True,
              span_decoding: str = "joint", retry_failed: bool = False, allow_pickle: bool = False) -> EvalReport:
     """Score a model on an annotation file: run it over `videos`, or read `predictions`.
 
@@ -261,7 +261,7 @@ def evaluate(annotations: str | os.PathLike[str], fmt: str, videos: str | os.Pat
         from .weights import LoadedModel, load_model
 
         loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
-                                                                         span_decoding=span_decoding,
+                                                                         span_decoding=span_decoding, dtype=dtype,
                                                                          allow_pickle=allow_pickle)
         pred_path = Path(out) if out is not None else Path(f"{Path(annotations).stem}.preds.jsonl")
         check_out_matches(pred_path, loaded, frames, " (or --predictions to score that file)")

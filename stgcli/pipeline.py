@@ -188,12 +188,13 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
 
 def ground(video: str | os.PathLike, query: str, model=None, frames: int | None = None,
            start_s: float | None = None, end_s: float | None = None, device: str = "auto",
-           quant: str | None = None, allow_pickle: bool = False, span_decoding: str = "joint") -> GroundingResult:
+           quant: str | None = None, allow_pickle: bool = False, span_decoding: str = "joint",
+           dtype: str = "auto") -> GroundingResult:
     """Ground `query` in `video`: when the described object is visible and its box on every frame.
 
     `model` is a `load_model()` result, a registry name or a model directory (default: the
     built-in model). Warnings (unknown words, truncated file) are in `result.warnings`.
-    `device`, `quant`, `allow_pickle` and `span_decoding` apply only when `model` is not already
+    `device`, `quant`, `dtype`, `allow_pickle` and `span_decoding` apply only when `model` is not already
     loaded: a `load_model()` result keeps the settings it was loaded with (see `run_model`).
     """
     from .weights import LoadedModel, load_model
@@ -205,7 +206,7 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
     check_video_path(video, start_s, end_s, open_it=not isinstance(model, LoadedModel))
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device, quant=quant,
                                                                      allow_pickle=allow_pickle, frames=frames,
-                                                                     span_decoding=span_decoding)
+                                                                     span_decoding=span_decoding, dtype=dtype)
     prep = prepare(loaded, video, query, frames, start_s, end_s)
     return ground_prepared(loaded, prep, video, t0)
 

@@ -466,13 +466,14 @@ def available_ram_gib() -> float | None:
     return None
 
 
-def _check_cpu_memory(config, quant: str, frames: int) -> None:
-    """On CPU the unquantized weights are fp32, twice the GPU estimate's bf16: a 7B needs ~30 GiB. Say
-    so before loading, instead of the kernel killing the process without a word."""
-    need = estimate_memory_gib(config, quant, frames) * (2 if quant == "none" else 1)
+def _check_cpu_memory(config, quant: str, frames: int, itemsize: int = 4) -> None:
+    """On CPU the unquantized weights are fp32 by default, twice the GPU estimate's bf16: a 7B needs
+    ~30 GiB. Say so before loading, instead of the kernel killing the process without a word."""
+    need = estimate_memory_gib(config, quant, frames) * (itemsize / 2 if quant == "none" else 1)
     avail = available_ram_gib()
     if avail is not None and need > avail:
-        advice = "try --quant 4bit, or" if quant == "none" else "use"
+        advice = ("try --dtype bfloat16 (half the memory), --quant 4bit, or" if quant == "none" and itemsize > 2
+                  else "try --quant 4bit, or" if quant == "none" else "use")
         raise ModelError(f"not enough memory: this model with --quant {quant} needs about {need:.1f} GiB of RAM on "
                          f"CPU, {avail:.1f} GiB is available; {advice} a GPU (--device cuda)")
 
@@ -575,6 +576,28 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_dtype(dtype: str, device: str):
+    """The torch dtype the unquantized weights run in. auto: bfloat16 on a GPU that computes in it
+    (Ampere and later), else float16; float32 on a CPU. bfloat16 on a CPU is opt-in: it is faster
+    only on CPUs with bf16 instructions (AVX512-BF16, AMX) and moves results in the third decimal,
+    so the same clip would give other numbers on another machine."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
+    if dtype == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if dtype == "float16" and not device.startswith("cuda"):
+        raise UserError("--dtype float16 on a CPU runs several times slower than float32 (few CPUs compute "
+                        "in it); use --dtype bfloat16 or float32")
+    return getattr(torch, dtype)
+
+
 def _attn_implementation(device: str) -> str:
     """flash-attention 2 when installed and on CUDA, else PyTorch's sdpa."""
     if device.startswith("cuda"):
@@ -585,17 +608,16 @@ def _attn_implementation(device: str) -> str:
     return "sdpa"
 
 
-def quantization_config(quant: str, device: str = "cuda"):
-    """bitsandbytes settings: NF4 + double quant (4bit) or LLM.int8 (8bit), computing in bf16 on
-    CUDA and fp32 on CPU (few CPUs have fast bf16). The vision tower, projector, space decoder and
-    lm_head stay unquantized: they are small, and the decoder's boxes are sensitive to
-    quantization noise."""
-    import torch
+def quantization_config(quant: str, device: str = "cuda", compute=None):
+    """bitsandbytes settings: NF4 + double quant (4bit) or LLM.int8 (8bit), NF4 computing in
+    `compute` (default: the dtype --dtype auto picks for `device`). The vision tower, projector,
+    space decoder and lm_head stay unquantized: they are small, and the decoder's boxes are
+    sensitive to quantization noise."""
     from transformers import BitsAndBytesConfig
 
     skip = ["model.vision_tower", "model.multi_modal_projector", "space_decoder", "lm_head"]
     if quant == "4bit":
-        compute = torch.bfloat16 if device.startswith("cuda") else torch.float32
+        compute = compute or resolve_dtype("auto", device)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                   bnb_4bit_compute_dtype=compute, llm_int8_skip_modules=skip)
     return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
@@ -613,11 +635,12 @@ def check_quantization_available(quant: str) -> None:
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str = "auto", quant: str | None = None,
                registry_file: str | os.PathLike | None = None, allow_pickle: bool = False,
-               frames: int | None = None, span_decoding: str = "joint") -> LoadedModel:
+               frames: int | None = None, span_decoding: str = "joint", dtype: str = "auto") -> LoadedModel:
     """Load a registered model by name, or a model directory by path. Default: the built-in model.
 
     `frames` only sharpens the advice of an out-of-memory error (default: the model's).
-    `span_decoding`: "joint" (default) or "text", see `pipeline.run_model`."""
+    `span_decoding`: "joint" (default) or "text", see `pipeline.run_model`.
+    `dtype`: auto, float32, bfloat16 or float16, see `resolve_dtype`."""
     import pickle
 
     import torch
@@ -641,6 +664,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
                          f"`stg weights init spacevllm-7b --from DIR` and use --model spacevllm-7b")
     # the flags first: a mistake there must not wait for 16 GB of weights to be hashed
     device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, device)
     if quant is not None and quant not in ("none", "4bit", "8bit"):
         raise UserError(f"--quant {quant}: expected none, 4bit or 8bit")
     # A model whose default is 4-bit (the 7B) loads unquantized on a CPU unless --quant says otherwise:
@@ -672,13 +696,14 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         digest = _model_digest(directory, pinned.files)
     use_st = _check_safetensors(directory, allow_pickle)
     kwargs: dict = {"use_safetensors": use_st, "attn_implementation": _attn_implementation(device)}
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if quant != "none":
-        kwargs["quantization_config"] = quantization_config(quant, device)
+        kwargs["quantization_config"] = quantization_config(quant, device, torch_dtype)
         kwargs["device_map"] = {"": device}  # one device, everything on it
-        # LLM.int8 logs a warning on every call whose input is not fp16 (fp32 on CPU); stderr is for
-        # stg's own lines
+        # stderr is for stg's own lines: LLM.int8 logs a warning on every call whose input is not fp16
+        # (fp32 on CPU), and on a CPU with AVX512-BF16 bitsandbytes' import says to `pip install kernels`
+        # (an optional kernel it would fetch from the Hub at run time, which stg does not do)
         logging.getLogger("bitsandbytes.autograd._functions").setLevel(logging.ERROR)
+        logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     _check_model_type(directory)
     missing = [f for f in ("processor_config.json", "tokenizer.json") if not (directory / f).is_file()]
     if missing:
@@ -690,11 +715,11 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
         raise ModelError(f"{directory}: cannot read config.json ({e})") from e
     n_frames = frames or (entry.default_frames if entry else int(getattr(config, "num_frames", 16)))
     if device == "cpu":  # the weights only: --frames is what was asked, a short clip samples fewer
-        _check_cpu_memory(config, quant, 1)
+        _check_cpu_memory(config, quant, 1, torch_dtype.itemsize)
     try:
         with cuda_oom_guard(config, quant, n_frames, device):
             model, info = SpaceVLLMForConditionalGeneration.from_pretrained(
-                str(directory), dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
+                str(directory), dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
             if quant == "none":
                 model.to(device)
         processor = SpaceVLLMProcessor.from_pretrained(directory)
@@ -710,7 +735,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     _check_processor_fits(directory, processor, model.config)
     model.eval()
     return LoadedModel(model=model, processor=processor, name=entry.name if entry else str(directory),
-                       sha256=digest, device=device, dtype=str(dtype).replace("torch.", ""),
+                       sha256=digest, device=device, dtype=str(torch_dtype).replace("torch.", ""),
                        quantization=quant, default_frames=entry.default_frames if entry else
                        int(getattr(model.config, "num_frames", 16)), span_decoding=span_decoding)
 

@@ -65,6 +65,18 @@ def test_ground_quant_on_cpu_is_recorded(capsys):
     assert "MatMul" not in err and "Traceback" not in err
 
 
+def test_bitsandbytes_logs_nothing_on_stderr(tmp_path):
+    """On a CPU with AVX512-BF16, importing bitsandbytes logs a suggestion to `pip install kernels` (a kernel
+    fetched from the Hub at run time); a user's stderr holds stg's own lines only."""
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "stgcli", "ground", str(EXAMPLE), "the red circle", "--quant", "4bit",
+                        "--device", "cpu", "--out", str(tmp_path / "r.json")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stderr == ""
+
+
 def test_quant_without_accelerate_is_one_line(monkeypatch, capsys):
     import importlib.util
 

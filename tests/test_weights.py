@@ -734,7 +734,18 @@ def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypat
 
     monkeypatch.setattr(w, "available_ram_gib", lambda: 0.1)
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
-    assert_one_line_error(code, err, "not enough memory", "0.1 GiB is available", "--quant 4bit")
+    assert_one_line_error(code, err, "not enough memory", "0.1 GiB is available", "--dtype bfloat16",
+                          "--quant 4bit")
+    from stgcli.models.spacevllm import SpaceVLLMConfig
+
+    need = w.estimate_memory_gib(SpaceVLLMConfig.from_pretrained(str(w.registry()[w.DEFAULT_MODEL].local_dir())),
+                                 "none", 1)
+    monkeypatch.setattr(w, "available_ram_gib", lambda: need * 1.5)  # fits in bf16 (1x), not in fp32 (2x)
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
+    assert_one_line_error(code, err, "not enough memory", "--dtype bfloat16")
+    code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu",
+                       "--dtype", "bfloat16")
+    assert code == 0, err
     monkeypatch.setattr(w, "available_ram_gib", lambda: 2.0)  # --frames is a request: the weights decide
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu",
                        "--frames", "100000")

@@ -1,0 +1,81 @@
+"""--dtype: what the unquantized weights compute in. float32 stays the CPU default; bfloat16 is the
+opt-in that makes the built-in model faster on CPUs with bf16 instructions, with the same answers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stgcli.metrics import box_iou, span_frames, tiou
+from stgcli.pipeline import ground
+from stgcli.weights import load_model, quantization_config, resolve_dtype
+from tests.test_cli import EXAMPLE, assert_user_error, run
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    from stgcli.synth import synth_dataset
+
+    d = tmp_path_factory.mktemp("dtype")
+    manifest = synth_dataset(d / "clips", 4, seed=38, progress=False)
+    return [(str(d / "clips" / r["video"]), r["query"]) for r in map(json.loads, manifest.read_text().splitlines())]
+
+
+def test_bfloat16_on_cpu_agrees_with_float32(clips):
+    fp32, bf16 = load_model(device="cpu"), load_model(device="cpu", dtype="bfloat16")
+    assert fp32.dtype == "float32" and bf16.dtype == "bfloat16"
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    tious, ious = [], []
+    for video, query in clips:
+        a, b = ground(video, query, model=fp32), ground(video, query, model=bf16)
+        assert (a.model.dtype, b.model.dtype) == ("float32", "bfloat16")
+        assert (a.span is None) == (b.span is None), (video, query)
+        if a.span is None:
+            continue
+        tious.append(tiou(span_frames(a.span.start_frame, a.span.end_frame),
+                          span_frames(b.span.start_frame, b.span.end_frame)))
+        boxes = {t.frame: t.xyxy for t in b.track}
+        ious += [float(box_iou(t.xyxy, boxes[t.frame])) for t in a.track if t.frame in boxes]
+    assert len(tious) >= 3  # the comparison is not vacuous
+    assert min(tious) >= 0.9, tious
+    assert sum(ious) / len(ious) >= 0.9, ious
+
+
+def test_the_library_and_cli_pass_dtype_on(capsys, tmp_path):
+    res = ground(EXAMPLE, "the red circle", device="cpu", dtype="bfloat16")
+    assert res.model.dtype == "bfloat16"
+    code, out, err = run(capsys, "ground", str(EXAMPLE), "the red circle", "--device", "cpu", "--json")
+    assert code == 0, err
+    assert json.loads(out)["model"]["dtype"] == "float32"  # the CPU default is unchanged
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "a.mp4").symlink_to(EXAMPLE)
+    out_path = tmp_path / "r.jsonl"
+    code, _, err = run(capsys, "batch", str(tmp_path / "v"), "--query", "the red circle", "--out", str(out_path),
+                       "--device", "cpu", "--dtype", "bfloat16", "--workers", "1")
+    assert code == 0, err
+    assert [json.loads(x)["model"]["dtype"] for x in out_path.read_text().splitlines()] == ["bfloat16"]
+
+
+def test_float16_on_a_cpu_is_refused_in_one_line(capsys):
+    code, _, err = run(capsys, "ground", str(EXAMPLE), "the red circle", "--device", "cpu", "--dtype", "float16")
+    assert_user_error(code, err, "--dtype float16 on a CPU", "bfloat16 or float32")
+
+
+def test_auto_picks_by_device(monkeypatch):
+    assert resolve_dtype("auto", "cpu") is torch.float32
+    assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    assert resolve_dtype("auto", "cuda") is torch.float16  # a T4 or V100: no bf16 units
+    assert resolve_dtype("float32", "cuda") is torch.float32
+    with pytest.raises(Exception, match="expected one of auto, float32, bfloat16, float16"):
+        resolve_dtype("fp8", "cpu")
+
+
+def test_nf4_computes_in_the_chosen_dtype():
+    pytest.importorskip("bitsandbytes")
+    assert quantization_config("4bit", "cpu").bnb_4bit_compute_dtype is torch.float32
+    assert quantization_config("4bit", "cpu", torch.bfloat16).bnb_4bit_compute_dtype is torch.bfloat16
