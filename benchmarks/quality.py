@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=777)
     ap.add_argument("--frames", type=int, default=None)
     ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
+    ap.add_argument("--dtype", default="auto", help="as stg ground --dtype; a run with another than auto writes "
+                    "results/quality-DTYPE.json and leaves RESULTS.md (the default's) as it is")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md / results/quality.json")
     args = ap.parse_args()
 
@@ -47,7 +49,7 @@ def main() -> None:
     if not manifest.exists():
         synth_dataset(clip_dir, args.n, seed=args.seed)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()][: args.n]
-    model = load_model(args.model, device="cpu")
+    model = load_model(args.model, device="cpu", dtype=args.dtype)
     text_model = dataclasses.replace(model, span_decoding="text")  # the LM's free answer, for comparison
     groups: dict[str, list] = {}
     text_scores: list = []
@@ -94,16 +96,21 @@ def main() -> None:
     if args.no_write:
         return
     when, where = today(), machine()
-    out = {"date": when, "machine": where, "model": model.name, "sha256": model.sha256, "n": len(rows),
+    out = {"date": when, "machine": where, "model": model.name, "sha256": model.sha256, "dtype": model.dtype,
+           "n": len(rows),
            "seed": args.seed, "frames": args.frames or model.default_frames, "span_decoding": model.span_decoding,
            "groups": table, "text_decoding": text, "presence_span_m_tIoU": round(pres_t, 4),
            "oracle_frame_box_iou": round(oracle_iou, 4),
            "seconds_per_clip": round(elapsed / len(rows), 3)}
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "quality.json").write_text(json.dumps(out, indent=2) + "\n")
+    suffix = "" if args.dtype == "auto" else f"-{args.dtype}"
+    (HERE / "results" / f"quality{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
+    if suffix:
+        return
     section = (f"## Quality (benchmarks/quality.py)\n\n{when}, {where}. Model `{model.name}`, "
                f"{len(rows)} held-out shapes-world clips (seed {args.seed}), H.264 round trip, "
-               f"{out['frames']} frames per clip.\n\n" + "\n".join(lines) + f"\n\nTargets: {verdict}.\n\n{attribution}\n")
+               f"{out['frames']} frames per clip.\n\n" + "\n".join(lines)
+               + f"\n\nTargets: {verdict}.\n\n{attribution}\n")
     write_section("## Quality", section)
 
 

@@ -22,7 +22,8 @@ from typing import Mapping, NamedTuple, Sequence
 from .errors import NO_SPACE, UserError
 from .pipeline import normalize_query
 
-VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg"}
+VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg", ".m2ts", ".mts",
+                    ".3gp", ".flv", ".wmv", ".ogv"}
 
 
 def _manifest_text(path: Path) -> str:
@@ -84,8 +85,11 @@ def collect_items(source: Path, query: str | Sequence[str] | None) -> list[tuple
         if not queries or not all(queries):
             what = "a video" if one_video else "a folder"
             raise UserError(f"{source}: {what} needs --query \"...\" (or pass a manifest with a query per video)")
+        # Hidden files and folders are not searched: macOS leaves a "._clip.mp4" (metadata, not a video) beside
+        # every file it copies to a USB disk or a network share, and each would be an error line.
         videos = [source] if one_video else sorted(
-            p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+            p for p in source.rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file()
+            and not any(part.startswith(".") for part in p.relative_to(source).parts))
         if not videos:
             raise UserError(f"{source}: no video files found (looked for {', '.join(sorted(VIDEO_EXTENSIONS))})")
         return [(str(p), q) for p in videos for q in queries]
@@ -122,10 +126,22 @@ def _normalize_items(items) -> list[tuple[str, str, float | None, float | None, 
 DECODE_TIMEOUT_S = 600.0
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's or `taskset`'s share, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def default_workers() -> int:
     """One decoding process per core beyond the first (which runs the model), at most 4 (a window
-    of a few clips is enough to keep the model fed)."""
-    return max(1, min(4, (os.cpu_count() or 1) - 1))
+    of a few clips is enough to keep the model fed); on 2 cores, 2: the model and one decoder
+    each take about a core per clip, and a second decoder fills the gaps either leaves
+    (benchmarks/RESULTS.md: 0.088-0.091 s per clip against 0.096-0.098 with one, and with --dtype
+    bfloat16 0.077-0.078 against 0.087-0.089)."""
+    cores = _cores()
+    return 2 if cores == 2 else max(1, min(4, cores - 1))
 
 
 def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | None, size: tuple[int, int]):
@@ -337,7 +353,7 @@ def _model_threads(device: str, workers: int):
 
     before = torch.get_num_threads()
     if device == "cpu":
-        torch.set_num_threads(max(1, min(before, (os.cpu_count() or 1) - workers)))
+        torch.set_num_threads(max(1, min(before, _cores() - workers)))
     try:
         yield
     finally:

@@ -243,7 +243,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, dtype, sp
               help="The query for every video of SOURCE (a folder, or one video); repeat it to ask several "
                    "(each video is decoded once).")
 @_model_options
-@click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4",
+@click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4; 2 on 2 cores",
               help="Processes decoding clips ahead of the one in the model.")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=600, show_default=True, metavar="SECONDS",
               help="A clip still decoding after this long gets an error line and the batch goes on (0: no limit).")

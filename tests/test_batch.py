@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from stgcli import batch as batch_module
-from stgcli.batch import run_batch
+from stgcli.batch import collect_items, run_batch
 from stgcli.errors import UserError
 from stgcli.result import read_jsonl, validate
 from stgcli.weights import load_model
@@ -55,6 +55,18 @@ def test_folder_with_query_and_resume(folder, tmp_path, model):
     ok, _, skipped, _ = run_batch(folder, out, query="the blue square", model=model, progress=False)
     assert (ok, skipped) == (3, 0)
     assert len(lines(out)) == 6
+
+
+def test_folder_scan_takes_camcorder_and_phone_files_and_skips_hidden_ones(tmp_path):
+    d = tmp_path / "card"
+    (d / "PRIVATE" / "AVCHD").mkdir(parents=True)
+    (d / ".Trashes").mkdir()
+    shutil.copy(EXAMPLE, d / "PRIVATE" / "AVCHD" / "00001.MTS")
+    shutil.copy(EXAMPLE, d / "phone.3gp")
+    shutil.copy(EXAMPLE, d / ".Trashes" / "old.mp4")
+    (d / "._phone.3gp").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata, not a video
+    items = collect_items(d, "the red circle")
+    assert sorted(Path(v).relative_to(d).as_posix() for v, _ in items) == ["PRIVATE/AVCHD/00001.MTS", "phone.3gp"]
 
 
 def test_manifest_jsonl_and_csv_relative_paths(folder, tmp_path, model):
@@ -337,12 +349,15 @@ def test_a_file_that_kills_the_decoder_fails_alone(folder, tmp_path, model, monk
     assert all(d["span"] is not None for d in docs if not d.get("error"))
 
 
-@pytest.mark.parametrize("cores,want", [(None, 1), (1, 1), (2, 1), (3, 2), (16, 4)])
+@pytest.mark.parametrize("cores,want", [(1, 1), (2, 2), (3, 2), (4, 3), (16, 4)])
 def test_default_workers_follow_the_cores(monkeypatch, cores, want):
     from stgcli import batch
 
-    monkeypatch.setattr(batch.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     assert batch.default_workers() == want
+    monkeypatch.delattr(batch.os, "sched_getaffinity")  # macOS and Windows have none: the CPU count
+    monkeypatch.setattr(batch.os, "cpu_count", lambda: None)
+    assert batch.default_workers() == 1
 
 
 def test_failed_pairs_are_retried_only_when_asked(folder, tmp_path, capsys, clip):

@@ -501,6 +501,7 @@ def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere or later
     monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(fake_from_pretrained))
     loaded = w.load_model(device="cuda:0", quant=quant)
     assert calls["dtype"] == torch.bfloat16 and calls["use_safetensors"] is True
