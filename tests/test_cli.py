@@ -40,6 +40,25 @@ def assert_user_error(code: int, err: str, *needles: str) -> None:
         assert n in err, (n, err)
 
 
+def agreement(ref, other, clips) -> tuple[list[float], list[float]]:
+    """Ground each (video, query) with both models: tIoU of their spans (where ref finds one) and IoU
+    of their boxes on the frames both box. Either finding a span the other does not fails."""
+    from stgcli.metrics import box_iou, span_frames, tiou
+    from stgcli.pipeline import ground
+
+    tious, ious = [], []
+    for video, query in clips:
+        a, b = ground(video, query, model=ref), ground(video, query, model=other)
+        assert (a.span is None) == (b.span is None), (video, query)
+        if a.span is None:
+            continue
+        tious.append(tiou(span_frames(a.span.start_frame, a.span.end_frame),
+                          span_frames(b.span.start_frame, b.span.end_frame)))
+        boxes = {t.frame: t.xyxy for t in b.track}
+        ious += [float(box_iou(t.xyxy, boxes[t.frame])) for t in a.track if t.frame in boxes]
+    return tious, ious
+
+
 def test_help_and_version(capsys):
     code, out, _ = run(capsys, "--help")
     assert code == 0

@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from stgcli.metrics import box_iou, span_frames, tiou
 from stgcli.pipeline import ground
 from stgcli.weights import load_model
-from tests.test_cli import EXAMPLE, assert_user_error, run
+from tests.test_cli import EXAMPLE, agreement, assert_user_error, run
 
 pytest.importorskip("bitsandbytes")  # a declared dependency; absent only on a broken install
 
@@ -39,17 +38,8 @@ def test_quantized_model_agrees_with_fp32(clips, fp32, quant, layer):
         assert not any(type(m).__name__ == layer for m in kept.modules())  # left unquantized
     assert type(q.model.lm_head).__name__ == "Linear"
 
-    tious, ious = [], []
-    for video, query in clips:
-        a, b = ground(video, query, model=fp32), ground(video, query, model=q)
-        assert b.model.quantization == quant
-        assert (a.span is None) == (b.span is None), (video, query)
-        if a.span is None:
-            continue
-        tious.append(tiou(span_frames(a.span.start_frame, a.span.end_frame),
-                          span_frames(b.span.start_frame, b.span.end_frame)))
-        boxes = {t.frame: t.xyxy for t in b.track}
-        ious += [float(box_iou(t.xyxy, boxes[t.frame])) for t in a.track if t.frame in boxes]
+    tious, ious = agreement(fp32, q, clips)
+    assert all(ground(v, t, model=q).model.quantization == quant for v, t in clips[:1])
     print(f"{quant}: tIoU {[round(x, 3) for x in tious]}, "
           f"mean box IoU {sum(ious) / len(ious):.4f} over {len(ious)} frames")
     assert len(tious) >= 3  # the comparison is not vacuous
