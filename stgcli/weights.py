@@ -582,8 +582,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype the unquantized weights run in. auto: bfloat16 on a GPU that computes in it
     (Ampere and later), else float16; float32 on a CPU. bfloat16 on a CPU is opt-in: it is faster
-    only on CPUs with bf16 instructions (AVX512-BF16, AMX) and moves results in the third decimal,
-    so the same clip would give other numbers on another machine."""
+    only on CPUs with bf16 instructions (AVX512-BF16, AMX), and it changes boxes a little (README),
+    so as a default the same clip would give other numbers on another machine."""
     import torch
 
     if dtype not in DTYPES:

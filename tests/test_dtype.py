@@ -3,6 +3,7 @@ opt-in that makes the built-in model faster on CPUs with bf16 instructions, with
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,17 @@ def test_the_library_and_cli_pass_dtype_on(capsys, tmp_path):
                        "--device", "cpu", "--dtype", "bfloat16", "--workers", "1")
     assert code == 0, err
     assert [json.loads(x)["model"]["dtype"] for x in out_path.read_text().splitlines()] == ["bfloat16"]
+
+
+def test_eval_passes_dtype_on(capsys, tmp_path, clips):
+    folder = Path(clips[0][0]).parent
+    preds = tmp_path / "preds.jsonl"
+    code, out, err = run(capsys, "eval", "--annotations", str(folder / "manifest.jsonl"), "--format", "stg",
+                         "--videos", str(folder), "--out", str(preds), "--device", "cpu", "--dtype", "bfloat16",
+                         "--json")
+    assert code == 0, err
+    assert json.loads(out)["n"] == len(clips)
+    assert {json.loads(x)["model"]["dtype"] for x in preds.read_text().splitlines()} == {"bfloat16"}
 
 
 def test_float16_on_a_cpu_is_refused_in_one_line(capsys):
