@@ -19,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Mapping, NamedTuple, Sequence
 
-from .errors import NO_SPACE, UserError
+from .errors import NO_SPACE, UserError, disk_full
 from .pipeline import normalize_query
 
 VIDEO_EXTENSIONS = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".ts", ".mpg", ".mpeg", ".m2ts", ".mts",
@@ -328,7 +328,7 @@ def check_out_matches(out: Path, loaded, frames: int | None = None, hint: str = 
 def _cannot_append(out_path: Path, video: str, e: OSError) -> UserError:
     """One line for a result that could not be written (a full disk): the lines already in the file
     stay whole (append rolls a failed one back), and a rerun resumes after them."""
-    why = f"no space left on its disk ({e.strerror})" if e.errno in NO_SPACE else (e.strerror or str(e))
+    why = disk_full(e) if e.errno in NO_SPACE else (e.strerror or str(e))
     return UserError(f"{out_path}: cannot write the result of {video}: {why}; the lines already in it are "
                      "whole: free some space and run the same command again, it resumes after them")
 

@@ -7,6 +7,11 @@ import errno
 NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
+def disk_full(e: OSError) -> str:
+    """How a full disk (an OSError in NO_SPACE) is said in an output's error line."""
+    return f"no space left on its disk ({e.strerror})"
+
+
 class UserError(Exception):
     """A mistake in what the user gave us (a path, a flag, a file). Exit code 2, no traceback."""
 

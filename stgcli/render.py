@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import UserError, did_you_mean
-from .result import cannot_write, part_file
+from .result import part_file
 
 OVERLAYS = ("box", "label", "trace", "timeline")
 _TB = Fraction(1, 90000)  # the MPEG clock: exact for 24, 25, 30 and the NTSC rates
@@ -150,10 +150,6 @@ def render(video: str | os.PathLike, result, out: str | os.PathLike,
     trace_ann = sv.TraceAnnotator(color=colour, trace_length=max(2, len(track)), thickness=2)
     timeline = TimelineAnnotator(info.duration_s, (span.start_s, span.end_s) if span else None)
     out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise cannot_write(out, e) from None
     tmp = out.with_name(f".{out.name}.part.mp4")
     # yuv420p needs even sizes: odd ones are padded by one pixel (right/bottom) rather than cropped.
     w2, h2 = info.width + info.width % 2, info.height + info.height % 2

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO, Iterable, Iterator, Mapping, NamedTuple, Seque
 
 import numpy as np
 
-from .errors import NO_SPACE, UserError
+from .errors import NO_SPACE, UserError, disk_full
 
 SCHEMA_ID = "stg.grounding/v1"
 SCHEMA_RESOURCE = "schemas/grounding-v1.schema.json"
@@ -711,8 +711,13 @@ def commit_file(tmp: str | os.PathLike[str], target: str | os.PathLike[str]) -> 
 @contextmanager
 def part_file(target: str | os.PathLike[str], tmp: str | os.PathLike[str]) -> Iterator[None]:
     """For an output another library writes (an encoder's MP4): the body writes `tmp` (same
-    folder), which then takes `target`'s place (commit_file). An OS error on the way (a full disk)
-    is one line naming `target`, unless it names another file (an input's); `tmp` never stays."""
+    folder, created if missing), which then takes `target`'s place (commit_file). An OS error on the
+    way (a full disk) is one line naming `target`, unless it names another file (an input's); `tmp`
+    never stays."""
+    try:
+        Path(target).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(target, e) from None
     try:
         yield
         commit_file(tmp, target)
@@ -806,8 +811,8 @@ def cannot_write(path: str | os.PathLike[str], e: OSError) -> ResultError:
     """An output the system refuses (permissions, a file where a folder should be, a full disk):
     the user's to fix, so one line and exit 2, not a traceback."""
     if e.errno in NO_SPACE:
-        return ResultError(f"{path}: cannot write there: no space left on its disk ({e.strerror}); free some "
-                           "space or choose another output path")
+        return ResultError(f"{path}: cannot write there: {disk_full(e)}; free some space or choose another "
+                           "output path")
     return ResultError(f"{path}: cannot write there ({e.strerror or e}); choose another output path")
 
 

@@ -82,3 +82,12 @@ def test_nf4_computes_in_the_chosen_dtype():
     pytest.importorskip("bitsandbytes")
     assert quantization_config("4bit", "cpu").bnb_4bit_compute_dtype is torch.float32
     assert quantization_config("4bit", "cpu", torch.bfloat16).bnb_4bit_compute_dtype is torch.bfloat16
+
+
+def test_the_cli_offers_what_load_model_takes():
+    """The CLI lists the choices itself (importing stgcli.weights would slow `stg --help`); they must agree."""
+    from stgcli.cli import ground
+    from stgcli.weights import DTYPES
+
+    option = next(p for p in ground.params if p.name == "dtype")
+    assert tuple(option.type.choices) == DTYPES
