@@ -291,3 +291,14 @@ def test_sigterm_mid_render_leaves_no_part_file(tmp_path):
     assert proc.returncode == 143 and "Traceback" not in err, err[-2000:]
     assert err.rstrip("\n").split("\n")[-1].split("\r")[-1] == "stg: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long.mp4"]
+
+
+def test_render_makes_its_folder_and_names_an_impossible_one(tmp_path):
+    from stgcli.result import ResultError
+
+    out = render(EXAMPLE, truth_result(), tmp_path / "new" / "sub" / "a.mp4")  # a library caller: folders made
+    assert out.is_file()
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ResultError, match="cannot write there"):
+        render(EXAMPLE, truth_result(), tmp_path / "afile" / "a.mp4")
+    assert not list((tmp_path).glob("**/*.part.mp4"))
