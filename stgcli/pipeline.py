@@ -133,7 +133,8 @@ def run_model(loaded, prep: dict):
     dev = loaded.device
     t0 = time.perf_counter()
     n_frames = len(prep["sampled"].indices)
-    with cuda_oom_guard(loaded.model.config, loaded.quantization, n_frames, dev), torch.inference_mode():
+    with cuda_oom_guard(loaded.model.config, loaded.quantization, n_frames, dev, loaded.model.dtype.itemsize), \
+            torch.inference_mode():
         ids = torch.tensor([prep["ids"]], device=dev)
         pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
         tmask = torch.tensor([prep["text_mask"]], device=dev)

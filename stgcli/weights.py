@@ -451,7 +451,7 @@ def _check_safetensors(directory: Path, allow_pickle: bool) -> bool:
 
 
 # -- GPU memory -------------------------------------------------------------------------------------
-_BYTES_PER_PARAM = {"none": 2.0, "8bit": 1.0, "4bit": 0.5 + 0.07}  # NF4 + double-quant scales, roughly
+_BYTES_PER_PARAM = {"8bit": 1.0, "4bit": 0.5 + 0.07}  # NF4 + double-quant scales, roughly
 
 
 def available_ram_gib() -> float | None:
@@ -467,9 +467,9 @@ def available_ram_gib() -> float | None:
 
 
 def _check_cpu_memory(config, quant: str, frames: int, itemsize: int = 4) -> None:
-    """On CPU the unquantized weights are fp32 by default, twice the GPU estimate's bf16: a 7B needs
-    ~30 GiB. Say so before loading, instead of the kernel killing the process without a word."""
-    need = estimate_memory_gib(config, quant, frames) * (itemsize / 2 if quant == "none" else 1)
+    """On CPU the unquantized weights are fp32 by default, twice bf16's size: a 7B needs ~30 GiB. Say so
+    before loading, instead of the kernel killing the process without a word."""
+    need = estimate_memory_gib(config, quant, frames, itemsize)
     avail = available_ram_gib()
     if avail is not None and need > avail:
         advice = ("try --dtype bfloat16 (half the memory), --quant 4bit, or" if quant == "none" and itemsize > 2
@@ -478,10 +478,11 @@ def _check_cpu_memory(config, quant: str, frames: int, itemsize: int = 4) -> Non
                          f"CPU, {avail:.1f} GiB is available; {advice} a GPU (--device cuda)")
 
 
-def estimate_memory_gib(config, quant: str, frames: int) -> float:
-    """Rough GPU memory for grounding one clip: weights at `quant` (vision, projector, decoder,
-    embeddings and lm_head stay bf16) + KV cache + the largest transient activations. An estimate
-    for advice in error messages, not a guarantee."""
+def estimate_memory_gib(config, quant: str, frames: int, itemsize: int = 2) -> float:
+    """Rough memory for grounding one clip: the language model's linear layers at `quant`, everything
+    else (vision, projector, decoder, embeddings, lm_head, KV cache, the largest transient activations)
+    at `itemsize` bytes (2: bf16/fp16, 4: fp32). An estimate for advice in error messages, not a
+    guarantee."""
     t, v = config.text_config, config.vision_config
     h, inter, n_l = t.hidden_size, t.intermediate_size, t.num_hidden_layers
     kv = t.num_key_value_heads * (h // t.num_attention_heads)
@@ -491,28 +492,33 @@ def estimate_memory_gib(config, quant: str, frames: int) -> float:
     vision = vl * (4 * vh * vh + 2 * vh * vi) + config.text_config.hidden_size * (vh + h)
     d = config.decoder_hidden_size
     decoder = 3 * h * d + (config.decoder_layers + config.text_condition_layers) * 12 * d * d
-    weights = n_l * llm_layer * _BYTES_PER_PARAM[quant] + (emb + vision + decoder) * 2
+    per_param = itemsize if quant == "none" else _BYTES_PER_PARAM[quant]
+    weights = n_l * llm_layer * per_param + (emb + vision + decoder) * itemsize
     grid = v.image_size // v.patch_size
     tokens = frames * ((grid + 1) // 2) ** 2 + frames * 8 + 128
-    kv_cache = 2 * n_l * kv * tokens * 2
-    act = tokens * (4 * h + 2 * inter) * 2 + frames * grid * grid * (vi + 3 * vh + h) * 2
+    kv_cache = 2 * n_l * kv * tokens * itemsize
+    act = (tokens * (4 * h + 2 * inter) + frames * grid * grid * (vi + 3 * vh + h)) * itemsize
     return (weights + kv_cache + act) / 1024**3 * 1.1 + 0.5  # + CUDA context and allocator slack
 
 
-def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float) -> str:
+def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float, itemsize: int = 2) -> str:
     """The one-line OOM error: estimated need, what is free, and the mildest change that should fit
-    (same quantization with fewer frames first, then a lower precision; never the setting that failed)."""
-    need = estimate_memory_gib(config, quant, frames)
+    (float32 to bfloat16 first, then the same quantization with fewer frames, then a lower precision;
+    never the setting that failed)."""
+    need = estimate_memory_gib(config, quant, frames, itemsize)
     rank = {"none": 0, "8bit": 1, "4bit": 2}
     fits = []
-    for q in ("none", "8bit", "4bit"):
-        for f in sorted({frames, 64, 48, 32, 16, 8}, reverse=True):
-            if f <= frames and (q, f) != (quant, frames) and estimate_memory_gib(config, q, f) <= free_gib * 0.9:
-                fits.append((q != quant, frames - f, rank[q], q, f))
-                break
+    for size in sorted({itemsize, 2}, reverse=True):
+        for q in ("none", "8bit", "4bit"):
+            for f in sorted({frames, 64, 48, 32, 16, 8}, reverse=True):
+                if (f <= frames and (q, f, size) != (quant, frames, itemsize)
+                        and estimate_memory_gib(config, q, f, size) <= free_gib * 0.9):
+                    fits.append((q != quant, frames - f, rank[q], size != itemsize, q, f, size))
+                    break
     if fits:
-        *_, q, f = min(fits)
-        opts = " ".join(o for o in (f"--quant {q}" if q != quant else "",
+        *_, q, f, size = min(fits)
+        opts = " ".join(o for o in ("--dtype bfloat16" if size != itemsize else "",
+                                    f"--quant {q}" if q != quant else "",
                                     f"--frames {f}" if f != frames else "") if o)
         advice = f"; try {opts}"
     else:
@@ -522,7 +528,7 @@ def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: flo
 
 
 @contextmanager
-def cuda_oom_guard(config, quant: str, frames: int, device: str):
+def cuda_oom_guard(config, quant: str, frames: int, device: str, itemsize: int = 2):
     """Turn torch.cuda.OutOfMemoryError into a UserError that says what was needed, what is free
     and which --quant / --frames would fit, instead of a CUDA traceback."""
     import torch
@@ -535,7 +541,7 @@ def cuda_oom_guard(config, quant: str, frames: int, device: str):
             free, total = torch.cuda.mem_get_info(torch.device(device))
         except Exception:  # noqa: BLE001 - the advice must not mask the real error
             free, total = 0, 0
-        raise ModelError(oom_message(config, quant, frames, free / 1024**3, total / 1024**3)) from None
+        raise ModelError(oom_message(config, quant, frames, free / 1024**3, total / 1024**3, itemsize)) from None
 
 
 @dataclass
@@ -717,7 +723,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str = "aut
     if device == "cpu":  # the weights only: --frames is what was asked, a short clip samples fewer
         _check_cpu_memory(config, quant, 1, torch_dtype.itemsize)
     try:
-        with cuda_oom_guard(config, quant, n_frames, device):
+        with cuda_oom_guard(config, quant, n_frames, device, torch_dtype.itemsize):
             model, info = SpaceVLLMForConditionalGeneration.from_pretrained(
                 str(directory), dtype=torch_dtype, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs)
             if quant == "none":

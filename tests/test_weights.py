@@ -470,6 +470,18 @@ def test_oom_becomes_a_one_line_error_with_advice(capsys, monkeypatch):
     assert "even --quant 4bit --frames 8 does not fit" in oom_message(cfg, "4bit", 64, 1.0, 8.0)
     # enough memory for bf16 at fewer frames: suggest the frames, not a quantization
     assert oom_message(cfg, "none", 64, estimate_memory_gib(cfg, "none", 32) / 0.89, 80).endswith("try --frames 32")
+    # float32 on the GPU (--dtype float32) counts 4 bytes for what is not quantized, and bfloat16 is the
+    # mildest way out when it fits
+    fp32 = estimate_memory_gib(cfg, "none", 64, 4)
+    assert 1.8 * estimate_memory_gib(cfg, "none", 64) < fp32 < 2 * estimate_memory_gib(cfg, "none", 64)
+    assert estimate_memory_gib(cfg, "4bit", 64) < estimate_memory_gib(cfg, "4bit", 64, 4) < fp32
+    with pytest.raises(ModelError) as exc:
+        with cuda_oom_guard(cfg, "none", 64, "cuda:0", 4):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert f"needs about {fp32:.1f} GiB" in str(exc.value) and str(exc.value).endswith("try --dtype bfloat16 --quant 4bit")
+    assert oom_message(cfg, "none", 64, fp32 / 1.5, 80, 4).endswith("try --dtype bfloat16")
+    assert oom_message(cfg, "none", 64, estimate_memory_gib(cfg, "none", 32) / 0.89, 80, 4).endswith(
+        "try --dtype bfloat16 --frames 32")
     # other errors pass through untouched
     with pytest.raises(ValueError):
         with cuda_oom_guard(cfg, "4bit", 64, "cuda:0"):
@@ -739,9 +751,10 @@ def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypat
                           "--quant 4bit")
     from stgcli.models.spacevllm import SpaceVLLMConfig
 
-    need = w.estimate_memory_gib(SpaceVLLMConfig.from_pretrained(str(w.registry()[w.DEFAULT_MODEL].local_dir())),
-                                 "none", 1)
-    monkeypatch.setattr(w, "available_ram_gib", lambda: need * 1.5)  # fits in bf16 (1x), not in fp32 (2x)
+    cfg = SpaceVLLMConfig.from_pretrained(str(w.registry()[w.DEFAULT_MODEL].local_dir()))
+    bf16, fp32 = (w.estimate_memory_gib(cfg, "none", 1, size) for size in (2, 4))
+    assert bf16 < fp32
+    monkeypatch.setattr(w, "available_ram_gib", lambda: (bf16 + fp32) / 2)  # fits in bf16, not in fp32
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu")
     assert_one_line_error(code, err, "not enough memory", "--dtype bfloat16")
     code, _, err = run(capsys, "ground", str(ROOT / "examples" / "shapes.mp4"), "the red circle", "--device", "cpu",
@@ -756,7 +769,7 @@ def test_a_model_too_big_for_the_ram_is_refused_before_loading(capsys, monkeypat
     assert code == 0, err
     from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
 
-    assert w.estimate_memory_gib(spacevllm_7b_config(), "none", 64) * 2 > 25  # the 7B in fp32
+    assert w.estimate_memory_gib(spacevllm_7b_config(), "none", 64, 4) > 25  # the 7B in fp32
 
 
 def test_a_shard_the_index_names_must_be_there(converted, tmp_path):
