@@ -403,6 +403,10 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
+    if workers > _cores():  # allowed (a slow network disk may want it), but rarely what helps
+        print(f"stg: note: --workers {workers} is more than the {_cores()} CPU cores this process may use: the "
+              f"decoders take turns with each other and the model (the default here is {default_workers()})",
+              file=sys.stderr)
     if decode_timeout is not None and not decode_timeout >= 0:
         raise UserError(f"--decode-timeout {decode_timeout}: must be a number of seconds (0: no limit)")
     out_path = Path(out_path)

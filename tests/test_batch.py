@@ -255,11 +255,18 @@ def test_frames_below_one_is_a_user_error_before_any_work(folder, tmp_path, caps
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, capsys, clip):
+def test_workers_give_the_same_lines_in_input_order(folder, tmp_path, model, capsys, clip, monkeypatch):
+    from stgcli import batch
+
     shutil.copy(clip("text.mp4"), folder / "broken.mp4")
     one, three = tmp_path / "one.jsonl", tmp_path / "three.jsonl"
+    monkeypatch.setattr(batch.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 cores
     assert run_batch(folder, one, query="the red circle", model=model, progress=False) == (3, 1, 0, 0)
+    assert "--workers" not in capsys.readouterr().err
     assert run_batch(folder, three, query="the red circle", model=model, progress=False, workers=3) == (3, 1, 0, 0)
+    notes = [ln for ln in capsys.readouterr().err.splitlines() if "--workers" in ln]
+    assert notes == ["stg: note: --workers 3 is more than the 2 CPU cores this process may use: the decoders take "
+                     "turns with each other and the model (the default here is 2)"]
 
     def comparable(d):
         d = dict(d)
