@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .errors import NO_SPACE, UserError
+from .errors import NO_SPACE, UserError, disk_full
 
 
 class _State:
@@ -121,7 +121,7 @@ def _run(argv: list[str] | None, debug: bool) -> None:
         if e.errno not in NO_SPACE or debug:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        _fail(f"{where}no space left on the disk ({e.strerror}); free some space and run again", 2)
+        _fail(f"{where}{disk_full(e)}; free some space and run again", 2)
 
 
 

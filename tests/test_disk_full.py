@@ -120,7 +120,8 @@ def test_any_command_on_a_full_disk_gets_one_line(monkeypatch, capsys, tmp_path)
 
     monkeypatch.setattr(synth, "synth_dataset", full)
     code, _, err = run(capsys, "synth", str(tmp_path / "s"), "--n", "1")
-    assert_user_error(code, err, "/data/run/checkpoint/model.safetensors: no space left")
+    assert_user_error(code, err, "/data/run/checkpoint/model.safetensors: no space left on its disk (No space left "
+                      "on device); free some space")
 
     def other(*a, **k):
         raise OSError(errno.EIO, "Input/output error")
