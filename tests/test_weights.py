@@ -478,7 +478,8 @@ def test_oom_becomes_a_one_line_error_with_advice(capsys, monkeypatch):
     with pytest.raises(ModelError) as exc:
         with cuda_oom_guard(cfg, "none", 64, "cuda:0", 4):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-    assert f"needs about {fp32:.1f} GiB" in str(exc.value) and str(exc.value).endswith("try --dtype bfloat16 --quant 4bit")
+    msg = str(exc.value)
+    assert f"needs about {fp32:.1f} GiB" in msg and msg.endswith("try --dtype bfloat16 --quant 4bit")
     assert oom_message(cfg, "none", 64, fp32 / 1.5, 80, 4).endswith("try --dtype bfloat16")
     assert oom_message(cfg, "none", 64, estimate_memory_gib(cfg, "none", 32) / 0.89, 80, 4).endswith(
         "try --dtype bfloat16 --frames 32")
