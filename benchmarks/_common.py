@@ -26,11 +26,12 @@ def today() -> str:
 
 
 def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") -> None:
-    """Replace one `## ` section of RESULTS.md, keeping the others."""
+    """Replace one `## ` section of RESULTS.md in its place (a new one goes last), keeping the others."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     parts = text.split("\n## ")
     head, rest = parts[0], ["## " + p for p in parts[1:]]
-    rest = [p for p in rest if not p.startswith(heading)] + [section]
+    at = next((i for i, p in enumerate(rest) if p.startswith(heading)), len(rest))
+    rest = rest[:at] + [section] + [p for p in rest[at:] if not p.startswith(heading)]
     path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
 
 

@@ -97,8 +97,8 @@ def main() -> None:
         return
     when, where = today(), machine()
     out = {"date": when, "machine": where, "model": model.name, "sha256": model.sha256, "dtype": model.dtype,
-           "n": len(rows),
-           "seed": args.seed, "frames": args.frames or model.default_frames, "span_decoding": model.span_decoding,
+           "n": len(rows), "seed": args.seed, "frames": args.frames or model.default_frames,
+           "span_decoding": model.span_decoding,
            "groups": table, "text_decoding": text, "presence_span_m_tIoU": round(pres_t, 4),
            "oracle_frame_box_iou": round(oracle_iou, 4),
            "seconds_per_clip": round(elapsed / len(rows), 3)}

@@ -403,8 +403,9 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     workers = default_workers() if workers is None else workers
     if workers < 1:
         raise UserError(f"--workers {workers}: must be at least 1")
-    if workers > _cores():  # allowed (a slow network disk may want it), but rarely what helps
-        print(f"stg: note: --workers {workers} is more than the {_cores()} CPU cores this process may use: the "
+    cores = _cores()
+    if workers > cores:  # allowed (a slow network disk may want it), but rarely what helps
+        print(f"stg: note: --workers {workers} is more than the {cores} CPU cores this process may use: the "
               f"decoders take turns with each other and the model (the default here is {default_workers()})",
               file=sys.stderr)
     if decode_timeout is not None and not decode_timeout >= 0:
