@@ -144,6 +144,25 @@ def default_workers() -> int:
     return 2 if cores == 2 else max(1, min(4, cores - 1))
 
 
+# Decoded clips waiting for the model: enough to ride out a run of long clips (decode time varies
+# 10x with clip length while the model's is fixed), bounded in bytes so that large inputs (the
+# 7B's 64 frames of 384 px, 28 MB a clip) keep fewer. Measured on 2 cores (benchmarks/RESULTS.md):
+# 16 ahead instead of 2 took the model's waits from ~13 ms to ~1-2 ms per clip.
+AHEAD_BYTES = 256 * 2**20
+MAX_AHEAD = 16
+# Decoders run at a lower CPU priority than the model. The model is the one serial step: a clip
+# it waits for, or shares its core for, is time lost for the whole batch; the decoders are ahead
+# and only need the CPU time the model leaves. Fair sharing gave each of 3 busy processes 2/3 of
+# a core on 2 cores, so the model ran ~15% slower than alone.
+DECODER_NICE = 10
+
+
+def clips_ahead(workers: int, frames: int, size: tuple[int, int]) -> int:
+    """How many decoded clips may wait beyond those being decoded (at least 2)."""
+    clip_bytes = max(1, frames) * size[0] * size[1] * 3
+    return max(2, min(MAX_AHEAD, AHEAD_BYTES // clip_bytes))
+
+
 def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | None, size: tuple[int, int]):
     """Worker process: one clip's sampled frames and the seconds it took, or (None, (error type,
     message)). Errors come back as text: an exception that does not pickle (some of FFmpeg's)
@@ -159,17 +178,19 @@ def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | N
 
 
 def _worker_init(parent: int) -> None:
-    """Worker process: leave Ctrl-C and SIGTERM to the batch process (which stops the pool;
-    otherwise every idle worker prints a KeyboardInterrupt traceback), and exit when the batch
-    process is gone (a kill -9 leaves no one to shut the pool down, and a worker waiting for work
-    would wait forever). POSIX hands an orphan to a new parent; Windows does not, but the parent's sentinel
-    closes with it."""
+    """Worker process: a lower CPU priority than the model (DECODER_NICE); leave Ctrl-C and SIGTERM
+    to the batch process (which stops the pool; otherwise every idle worker prints a
+    KeyboardInterrupt traceback), and exit when the batch process is gone (a kill -9 leaves no one
+    to shut the pool down, and a worker waiting for work would wait forever). POSIX hands an orphan
+    to a new parent; Windows does not, but the parent's sentinel closes with it."""
     import multiprocessing
     import signal
     import threading
     from multiprocessing.connection import wait
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if hasattr(os, "nice"):  # POSIX; raising one's own niceness is always allowed
+        os.nice(DECODER_NICE)
     # SIGTERM to the whole group (a job scheduler's) too: a worker dead first would look like a
     # decoder crash and blame its clip; the batch process stops the pool, or the watch below ends it.
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -386,7 +407,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
-    a time. At most `workers + 3` clips are in flight, so memory does not grow with the batch. A
+    a time. At most `workers + clips_ahead(...) + 1` clips are in flight (a few hundred MB at most),
+    so memory does not grow with the batch. A
     clip with several queries (the same file and window) is decoded once and its lines are written
     together, where its first pair stands in the input.
     Default: `default_workers()`. A clip whose decoding takes over `decode_timeout` seconds (None
@@ -449,7 +471,9 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     clips: dict[tuple, list] = {}
     for item in todo:
         clips.setdefault((file_key(item[0]), item[2], item[3]), []).append(item)
-    decoders = _Decoders(workers, n, model_input_size(loaded), decode_timeout or None)
+    size = model_input_size(loaded)
+    decoders = _Decoders(workers, n, size, decode_timeout or None)
+    ahead = clips_ahead(workers, n, size)
     in_flight: deque = deque()  # the pairs of each clip in the decoders' window, in the same order
 
     def submit(pairs: list) -> None:
@@ -461,7 +485,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
             it = iter(clips.values())
             for pairs in it:  # keep a few clips in flight, never more
                 submit(pairs)
-                if len(decoders) >= workers + 2:
+                if len(decoders) >= workers + ahead:
                     break
             while len(decoders):
                 _, (sampled, got) = decoders.next()

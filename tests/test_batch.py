@@ -334,6 +334,46 @@ def test_clips_decode_in_worker_processes_and_the_model_takes_one_at_a_time(fold
     assert len(lines(out)) == 7
 
 
+@pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities to compare (Windows)")
+def test_decoders_run_at_a_lower_priority_than_the_model():
+    """The model is the batch's one serial step: the decoders, working ahead, yield the CPU to it."""
+    from stgcli import batch
+
+    decoders = batch._Decoders(1, 4, (32, 32))
+    try:
+        assert decoders.pool.submit(os.nice, 0).result() == min(19, os.nice(0) + batch.DECODER_NICE)
+    finally:
+        decoders.close()
+
+
+def test_clips_ahead_is_bounded_in_bytes():
+    from stgcli.batch import clips_ahead
+
+    assert clips_ahead(2, 16, (128, 128)) == 16  # the built-in model: 0.8 MB a clip, the count caps it
+    assert clips_ahead(2, 64, (384, 384)) == 9  # the 7B: 28 MB a clip, 256 MB in all
+    assert clips_ahead(2, 256, (1024, 1024)) == 2  # never fewer than 2
+
+
+def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, monkeypatch):
+    """However long the batch, at most `workers + clips_ahead` clips are submitted and not yet
+    grounded: memory stays flat."""
+    from stgcli import batch
+
+    for i in range(6):
+        shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
+    most, real_next = [0], batch._Decoders.next
+
+    def next_noting_depth(self):
+        most[0] = max(most[0], len(self))
+        return real_next(self)
+
+    monkeypatch.setattr(batch, "clips_ahead", lambda workers, frames, size: 3)
+    monkeypatch.setattr(batch._Decoders, "next", next_noting_depth)
+    assert run_batch(folder, tmp_path / "w.jsonl", query="the red circle", model=model, progress=False,
+                     workers=1) == (9, 0, 0, 0)
+    assert most[0] == 1 + 3
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_a_file_that_kills_the_decoder_fails_alone(folder, tmp_path, model, monkeypatch, capsys, workers):
     """A segfault in the decoder took the whole batch down, and a resume died again at the same
