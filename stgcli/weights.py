@@ -501,10 +501,11 @@ def estimate_memory_gib(config, quant: str, frames: int, itemsize: int = 2) -> f
     return (weights + kv_cache + act) / 1024**3 * 1.1 + 0.5  # + CUDA context and allocator slack
 
 
-def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float, itemsize: int = 2) -> str:
+def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: float, itemsize: int = 2,
+                half: str = "bfloat16") -> str:
     """The one-line OOM error: estimated need, what is free, and the mildest change that should fit
-    (float32 to bfloat16 first, then the same quantization with fewer frames, then a lower precision;
-    never the setting that failed)."""
+    (float32 to `half`, the 2-byte dtype this GPU computes in, first; then the same quantization with
+    fewer frames, then a lower precision; never the setting that failed)."""
     need = estimate_memory_gib(config, quant, frames, itemsize)
     rank = {"none": 0, "8bit": 1, "4bit": 2}
     fits = []
@@ -517,7 +518,7 @@ def oom_message(config, quant: str, frames: int, free_gib: float, total_gib: flo
                     break
     if fits:
         *_, q, f, size = min(fits)
-        opts = " ".join(o for o in ("--dtype bfloat16" if size != itemsize else "",
+        opts = " ".join(o for o in (f"--dtype {half}" if size != itemsize else "",
                                     f"--quant {q}" if q != quant else "",
                                     f"--frames {f}" if f != frames else "") if o)
         advice = f"; try {opts}"
@@ -541,7 +542,8 @@ def cuda_oom_guard(config, quant: str, frames: int, device: str, itemsize: int =
             free, total = torch.cuda.mem_get_info(torch.device(device))
         except Exception:  # noqa: BLE001 - the advice must not mask the real error
             free, total = 0, 0
-        raise ModelError(oom_message(config, quant, frames, free / 1024**3, total / 1024**3, itemsize)) from None
+        raise ModelError(oom_message(config, quant, frames, free / 1024**3, total / 1024**3, itemsize,
+                                     str(gpu_half_dtype(device)).removeprefix("torch."))) from None
 
 
 @dataclass
@@ -585,6 +587,20 @@ def resolve_device(device: str = "auto") -> str:
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def gpu_half_dtype(device: str):
+    """The 2-byte dtype a GPU computes in: bfloat16 on Ampere and later (and ROCm), float16 on older
+    ones (T4, V100), where bfloat16 is emulated. Asks `device` itself, not the current device."""
+    import torch
+
+    if torch.version.hip:
+        return torch.bfloat16
+    try:
+        major = torch.cuda.get_device_properties(torch.device(device)).major
+    except Exception:  # noqa: BLE001 - no such GPU: loading says so; this only picks a dtype
+        return torch.float16
+    return torch.bfloat16 if major >= 8 else torch.float16
+
+
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype the unquantized weights run in. auto: bfloat16 on a GPU that computes in it
     (Ampere and later), else float16; float32 on a CPU. bfloat16 on a CPU is opt-in: it is faster
@@ -595,9 +611,7 @@ def resolve_dtype(dtype: str, device: str):
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
     if dtype == "auto":
-        if not device.startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+        return gpu_half_dtype(device) if device.startswith("cuda") else torch.float32
     if dtype == "float16" and not device.startswith("cuda"):
         raise UserError("--dtype float16 on a CPU runs several times slower than float32 (few CPUs compute "
                         "in it); use --dtype bfloat16 or float32")

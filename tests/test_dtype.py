@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -69,10 +70,13 @@ def test_float16_on_a_cpu_is_refused_in_one_line(capsys):
 def test_auto_picks_by_device(monkeypatch):
     assert resolve_dtype("auto", "cpu") is torch.float32
     assert resolve_dtype("bfloat16", "cpu") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    majors = {0: 8, 1: 7}  # an A100 beside a V100: each GPU is asked about itself
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda d: SimpleNamespace(major=majors[torch.device(d).index or 0]))
     assert resolve_dtype("auto", "cuda:0") is torch.bfloat16
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
-    assert resolve_dtype("auto", "cuda") is torch.float16  # a T4 or V100: no bf16 units
+    assert resolve_dtype("auto", "cuda:1") is torch.float16  # a T4 or V100: no bf16 units
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=7))
+    assert resolve_dtype("auto", "cuda") is torch.float16
     assert resolve_dtype("float32", "cuda") is torch.float32
     with pytest.raises(Exception, match="expected one of auto, float32, bfloat16, float16"):
         resolve_dtype("fp8", "cpu")

@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -458,6 +459,7 @@ def test_oom_becomes_a_one_line_error_with_advice(capsys, monkeypatch):
     cfg = spacevllm_7b_config()
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (12 * 1024**3, 80 * 1024**3))
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=9))  # an H100
     with pytest.raises(ModelError) as exc:
         with cuda_oom_guard(cfg, "none", 64, "cuda:0"):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
@@ -483,6 +485,12 @@ def test_oom_becomes_a_one_line_error_with_advice(capsys, monkeypatch):
     assert oom_message(cfg, "none", 64, fp32 / 1.5, 80, 4).endswith("try --dtype bfloat16")
     assert oom_message(cfg, "none", 64, estimate_memory_gib(cfg, "none", 32) / 0.89, 80, 4).endswith(
         "try --dtype bfloat16 --frames 32")
+    # a V100 has no bfloat16 units: the 2-byte dtype it is told to try is the one auto would pick there
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=7))
+    with pytest.raises(ModelError) as exc:
+        with cuda_oom_guard(cfg, "none", 64, "cuda:0", 4):
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+    assert str(exc.value).endswith("try --dtype float16 --quant 4bit")
     # other errors pass through untouched
     with pytest.raises(ValueError):
         with cuda_oom_guard(cfg, "4bit", 64, "cuda:0"):
@@ -514,7 +522,7 @@ def test_cuda_loading_settings_with_a_mocked_gpu(monkeypatch, quant):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # Ampere or later
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(major=8))  # Ampere or later
     monkeypatch.setattr(SpaceVLLMForConditionalGeneration, "from_pretrained", staticmethod(fake_from_pretrained))
     loaded = w.load_model(device="cuda:0", quant=quant)
     assert calls["dtype"] == torch.bfloat16 and calls["use_safetensors"] is True
