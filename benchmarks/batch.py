@@ -266,7 +266,9 @@ def main() -> None:
                                 for p, r in zip(paths, rows)))
 
     costs_of = {d: standalone_costs(paths[:30], d) for d in args.dtype}
-    cores = os.cpu_count() or 1
+    from stgcli.batch import _cores
+
+    cores = _cores()  # what stg batch itself counts (CPU affinity: a container's or taskset's share)
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
     # 0.128 s/clip in two runs an hour apart), so each stg run is paired with a decord loop measured
     # right before it, and every pairing is repeated: the ratio of a pair is what is compared.

@@ -138,8 +138,8 @@ def default_workers() -> int:
     """One decoding process per core beyond the first (which runs the model), at most 4 (a window
     of a few clips is enough to keep the model fed); on 2 cores, 2: the model and one decoder
     each take about a core per clip, and a second decoder fills the gaps either leaves
-    (benchmarks/RESULTS.md: 0.088-0.091 s per clip against 0.096-0.098 with one, and with --dtype
-    bfloat16 0.077-0.078 against 0.087-0.089)."""
+    (benchmarks/RESULTS.md: 0.074-0.078 s per clip against 0.077-0.079 with one, and with --dtype
+    bfloat16 0.066-0.068 against 0.076-0.078)."""
     cores = _cores()
     return 2 if cores == 2 else max(1, min(4, cores - 1))
 
@@ -152,8 +152,9 @@ AHEAD_BYTES = 256 * 2**20
 MAX_AHEAD = 16
 # Decoders run at a lower CPU priority than the model. The model is the one serial step: a clip
 # it waits for, or shares its core for, is time lost for the whole batch; the decoders are ahead
-# and only need the CPU time the model leaves. Fair sharing gave each of 3 busy processes 2/3 of
-# a core on 2 cores, so the model ran ~15% slower than alone.
+# and only need the CPU time the model leaves. With fair sharing, 3 busy processes on 2 cores
+# (the model, two decoders) gave the model 2/3 of a core whenever both decoders ran. The window
+# and the priority together: 0.094 -> 0.076 s per clip in float32 on 2 cores (RESULTS.md).
 DECODER_NICE = 10
 
 
