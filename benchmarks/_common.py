@@ -26,12 +26,18 @@ def today() -> str:
 
 
 def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") -> None:
-    """Replace one `## ` section of RESULTS.md in its place (a new one goes last), keeping the others."""
+    """Replace one `## ` section of RESULTS.md in its place (a new one goes last), keeping the others.
+    A section is `heading`'s when its first line is the heading, or the heading then " (...)": so
+    "## Quality" is not "## Quality on independently drawn clips"."""
     text = path.read_text() if path.exists() else "# Benchmark results\n\n"
     parts = text.split("\n## ")
     head, rest = parts[0], ["## " + p for p in parts[1:]]
-    at = next((i for i, p in enumerate(rest) if p.startswith(heading)), len(rest))
-    rest = rest[:at] + [section] + [p for p in rest[at:] if not p.startswith(heading)]
+
+    def mine(p: str) -> bool:
+        return p.split("\n", 1)[0].split(" (", 1)[0].rstrip() == heading
+
+    at = next((i for i, p in enumerate(rest) if mine(p)), len(rest))
+    rest = rest[:at] + [section] + [p for p in rest[at:] if not mine(p)]
     path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
 
 

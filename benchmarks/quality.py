@@ -5,7 +5,11 @@ back and grounded through the same pipeline calls as `stgcli.ground` (decode, re
 Prints m_tIoU, m_vIoU, vIoU@0.3, vIoU@0.5 overall, per query form and with/without a twin,
 and writes benchmarks/results/quality.json plus a section of benchmarks/RESULTS.md.
 
-    python benchmarks/quality.py [--model NAME|DIR] [--n 200] [--seed 777] [--frames N]
+    python benchmarks/quality.py [--model NAME|DIR] [--n 200] [--seed 777] [--frames N] [--generator synth|spec]
+
+`--generator spec` draws the clips with benchmarks/spec_clips.py, written from the shapes-world spec
+alone and not from `stg synth`: the same table on clips the model's own generator never made
+(results/quality-spec.json and its own RESULTS.md section).
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ def main() -> None:
     ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
     ap.add_argument("--dtype", default="auto", help="as stg ground --dtype; a run with another than auto writes "
                     "results/quality-DTYPE.json and leaves RESULTS.md (the default's) as it is")
+    ap.add_argument("--generator", choices=("synth", "spec"), default="synth",
+                    help="synth: stg synth's clips; spec: benchmarks/spec_clips.py's, written from the spec alone")
     ap.add_argument("--no-write", action="store_true", help="do not update RESULTS.md / results/quality.json")
     args = ap.parse_args()
 
@@ -46,7 +52,11 @@ def main() -> None:
 
     clip_dir = Path(args.clips or tempfile.mkdtemp(prefix="stg-quality-"))
     manifest = clip_dir / "manifest.jsonl"
-    if not manifest.exists():
+    if not manifest.exists() and args.generator == "spec":
+        import spec_clips
+
+        spec_clips.generate(clip_dir, args.n, args.seed)
+    elif not manifest.exists():
         synth_dataset(clip_dir, args.n, seed=args.seed)
     rows = [json.loads(line) for line in manifest.read_text().splitlines()][: args.n]
     model = load_model(args.model, device="cpu", dtype=args.dtype)
@@ -103,15 +113,21 @@ def main() -> None:
            "oracle_frame_box_iou": round(oracle_iou, 4),
            "seconds_per_clip": round(elapsed / len(rows), 3)}
     (HERE / "results").mkdir(exist_ok=True)
-    suffix = "" if args.dtype == "auto" else f"-{args.dtype}"
+    out["generator"] = args.generator
+    spec = args.generator == "spec"
+    suffix = ("-spec" if spec else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     (HERE / "results" / f"quality{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
-    if suffix:
+    if args.dtype != "auto":
         return
-    section = (f"## Quality (benchmarks/quality.py)\n\n{when}, {where}. Model `{model.name}`, "
-               f"{len(rows)} held-out shapes-world clips (seed {args.seed}), H.264 round trip, "
+    heading = "## Quality on independently drawn clips" if spec else "## Quality"
+    what = (f"clips drawn by benchmarks/spec_clips.py (seed {args.seed}), code written from the shapes-world "
+            "spec alone, never from `stg synth`, which made every training clip" if spec else
+            f"held-out shapes-world clips (seed {args.seed})")
+    section = (f"{heading} (benchmarks/quality.py{' --generator spec' if spec else ''})\n\n{when}, {where}. "
+               f"Model `{model.name}`, {len(rows)} {what}, H.264 round trip, "
                f"{out['frames']} frames per clip.\n\n" + "\n".join(lines)
                + f"\n\nTargets: {verdict}.\n\n{attribution}\n")
-    write_section("## Quality", section)
+    write_section(heading, section)
 
 
 def _attribution(model, prep, boxes, presence, row) -> tuple[float, float | None]:
