@@ -1,0 +1,30 @@
+"""benchmarks/quality.py and spec_misses.py run end to end on a few clips (figures come from real runs)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_quality_on_independently_drawn_clips_and_where_boxes_land(tmp_path):
+    clips = tmp_path / "clips"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--generator", "spec", "--n", "2",
+                           "--seed", "3", "--clips", str(clips), "--no-write"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert (clips / "manifest.jsonl").read_text().count("\n") == 2  # spec_clips.py drew them
+    row = re.search(r"^\| all \| 2 \| ([\d.]+) \| ([\d.]+) \|", done.stdout, re.M)
+    assert row and all(0 <= float(v) <= 1 for v in row.groups())
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spec_misses.py"), str(clips), "--seed", "3"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    cells = re.search(r"^\| all \| (\d+) \| [\d.]+ \| [\d.]+ \| (.*) \|$", done.stdout, re.M)
+    assert cells and int(cells.group(1)) > 0
+    shares = [int(c.strip().rstrip("%")) for c in cells.group(2).split("|")]
+    assert len(shares) == 6 and 98 <= sum(shares) <= 102  # every box placed somewhere, rounding aside
+    wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spec_misses.py"), str(clips), "--seed", "4"],
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode != 0 and "not what seed 4 draws" in wrong.stderr
