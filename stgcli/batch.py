@@ -135,8 +135,8 @@ def _cores() -> int:
 
 
 def default_workers() -> int:
-    """One decoding process per core beyond the first (which runs the model), at most 4 (a window
-    of a few clips is enough to keep the model fed); on 2 cores, 2: the model and one decoder
+    """One decoding process per core beyond the first (which runs the model), at most 4 (the window
+    of decoded clips, not more decoders, keeps the model fed); on 2 cores, 2: the model and one decoder
     each take about a core per clip, and a second decoder fills the gaps either leaves
     (benchmarks/RESULTS.md: 0.074-0.078 s per clip against 0.077-0.079 with one, and with --dtype
     bfloat16 0.066-0.068 against 0.076-0.078)."""
@@ -409,9 +409,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
     a time. At most `workers + clips_ahead(...) + 1` clips are in flight (a few hundred MB at most),
-    so memory does not grow with the batch. A
-    clip with several queries (the same file and window) is decoded once and its lines are written
-    together, where its first pair stands in the input.
+    so memory does not grow with the batch. A clip with several queries (the same file and window)
+    is decoded once and its lines are written together, where its first pair stands in the input.
     Default: `default_workers()`. A clip whose decoding takes over `decode_timeout` seconds (None
     or 0: no limit) gets an error line and its worker is killed: one damaged file must not hang
     a batch of thousands.
