@@ -41,11 +41,16 @@ def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") 
     path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
 
 
-def true_span_box_ious(model, prep: dict, boxes, row: dict) -> list[float]:
-    """IoU of the model's box with the truth on each sampled frame inside the true span of a
-    `stg synth` clip (`row`, its manifest line): the boxes alone, whatever span was chosen."""
+def true_span_boxes(model, prep: dict, boxes, row: dict) -> list[tuple[int, list[float], float]]:
+    """(frame, the model's box in pixels, its IoU with the truth) on each sampled frame inside the
+    true span of a clip (`row`, its manifest line): the boxes alone, whatever span was chosen."""
     from stgcli.metrics import box_iou
 
     px = model.processor.boxes_to_pixels(boxes, row["width"], row["height"])
-    return [float(box_iou(px[i], row["boxes"][str(int(f))])) for i, f in enumerate(prep["sampled"].indices)
-            if str(int(f)) in row["boxes"]]
+    return [(int(f), px[i], float(box_iou(px[i], row["boxes"][str(int(f))])))
+            for i, f in enumerate(prep["sampled"].indices) if str(int(f)) in row["boxes"]]
+
+
+def true_span_box_ious(model, prep: dict, boxes, row: dict) -> list[float]:
+    """The IoUs of true_span_boxes."""
+    return [iou for _, _, iou in true_span_boxes(model, prep, boxes, row)]

@@ -50,9 +50,10 @@ def main() -> None:
 
     import tempfile
 
+    spec = args.generator == "spec"
     clip_dir = Path(args.clips or tempfile.mkdtemp(prefix="stg-quality-"))
     manifest = clip_dir / "manifest.jsonl"
-    if not manifest.exists() and args.generator == "spec":
+    if not manifest.exists() and spec:
         import spec_clips
 
         spec_clips.generate(clip_dir, args.n, args.seed)
@@ -107,14 +108,12 @@ def main() -> None:
         return
     when, where = today(), machine()
     out = {"date": when, "machine": where, "model": model.name, "sha256": model.sha256, "dtype": model.dtype,
-           "n": len(rows), "seed": args.seed, "frames": args.frames or model.default_frames,
-           "span_decoding": model.span_decoding,
+           "n": len(rows), "generator": args.generator, "seed": args.seed,
+           "frames": args.frames or model.default_frames, "span_decoding": model.span_decoding,
            "groups": table, "text_decoding": text, "presence_span_m_tIoU": round(pres_t, 4),
            "oracle_frame_box_iou": round(oracle_iou, 4),
            "seconds_per_clip": round(elapsed / len(rows), 3)}
     (HERE / "results").mkdir(exist_ok=True)
-    out["generator"] = args.generator
-    spec = args.generator == "spec"
     suffix = ("-spec" if spec else "") + ("" if args.dtype == "auto" else f"-{args.dtype}")
     (HERE / "results" / f"quality{suffix}.json").write_text(json.dumps(out, indent=2) + "\n")
     if args.dtype != "auto":

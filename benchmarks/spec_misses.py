@@ -19,9 +19,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import spec_clips as sc  # noqa: E402
+from _common import true_span_boxes  # noqa: E402
 
 from stgcli import load_model  # noqa: E402
-from stgcli.metrics import box_iou  # noqa: E402
 from stgcli.pipeline import prepare, run_model  # noqa: E402
 
 
@@ -54,14 +54,9 @@ def main() -> None:
             sys.exit(f"{folder}: clip {i} is not what seed {args.seed} draws; pass the seed spec_clips.py was given")
         prep = prepare(model, folder / row["video"], row["query"], None)
         _, boxes, _, _ = run_model(model, prep)
-        px = model.processor.boxes_to_pixels(boxes, row["width"], row["height"])
-        for k, f in enumerate(prep["sampled"].indices):
-            gt = row["boxes"].get(str(int(f)))
-            if gt is None:
-                continue
-            iou = float(box_iou(px[k], gt))
+        for f, box, iou in true_span_boxes(model, prep, boxes, row):
             where = "target" if iou >= 0.1 else landed_on(clip, f / clip.fps,
-                                                           ((px[k][0] + px[k][2]) / 2, (px[k][1] + px[k][3]) / 2))
+                                                           ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
             for g in ("all", f"form={row['form']}", "twin" if row["has_twin"] else "no twin"):
                 s = groups.setdefault(g, {"iou": [], "on": {}})
                 s["iou"].append(iou)

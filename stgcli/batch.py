@@ -158,7 +158,7 @@ MAX_AHEAD = 16
 DECODER_NICE = 10
 
 
-def clips_ahead(workers: int, frames: int, size: tuple[int, int]) -> int:
+def clips_ahead(frames: int, size: tuple[int, int]) -> int:
     """How many decoded clips may wait beyond those being decoded (at least 2)."""
     clip_bytes = max(1, frames) * size[0] * size[1] * 3
     return max(2, min(MAX_AHEAD, AHEAD_BYTES // clip_bytes))
@@ -408,9 +408,10 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model, one clip at
-    a time. At most `workers + clips_ahead(...) + 1` clips are in flight (a few hundred MB at most),
-    so memory does not grow with the batch. A clip with several queries (the same file and window)
-    is decoded once and its lines are written together, where its first pair stands in the input.
+    a time. At most `workers + clips_ahead(frames, size) + 1` clips are in flight (a few hundred MB
+    at most), so memory does not grow with the batch. A clip with several queries (the same file
+    and window) is decoded once and its lines are written together, where its first pair stands in
+    the input.
     Default: `default_workers()`. A clip whose decoding takes over `decode_timeout` seconds (None
     or 0: no limit) gets an error line and its worker is killed: one damaged file must not hang
     a batch of thousands.
@@ -473,7 +474,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
         clips.setdefault((file_key(item[0]), item[2], item[3]), []).append(item)
     size = model_input_size(loaded)
     decoders = _Decoders(workers, n, size, decode_timeout or None)
-    ahead = clips_ahead(workers, n, size)
+    ahead = clips_ahead(n, size)
     in_flight: deque = deque()  # the pairs of each clip in the decoders' window, in the same order
 
     def submit(pairs: list) -> None:

@@ -349,9 +349,9 @@ def test_decoders_run_at_a_lower_priority_than_the_model():
 def test_clips_ahead_is_bounded_in_bytes():
     from stgcli.batch import clips_ahead
 
-    assert clips_ahead(2, 16, (128, 128)) == 16  # the built-in model: 0.8 MB a clip, the count caps it
-    assert clips_ahead(2, 64, (384, 384)) == 9  # the 7B: 28 MB a clip, 256 MB in all
-    assert clips_ahead(2, 256, (1024, 1024)) == 2  # never fewer than 2
+    assert clips_ahead(16, (128, 128)) == 16  # the built-in model: 0.8 MB a clip, the count caps it
+    assert clips_ahead(64, (384, 384)) == 9  # the 7B: 28 MB a clip, 256 MB in all
+    assert clips_ahead(256, (1024, 1024)) == 2  # never fewer than 2
 
 
 def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, monkeypatch):
@@ -367,7 +367,7 @@ def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, mo
         most[0] = max(most[0], len(self))
         return real_next(self)
 
-    monkeypatch.setattr(batch, "clips_ahead", lambda workers, frames, size: 3)
+    monkeypatch.setattr(batch, "clips_ahead", lambda frames, size: 3)
     monkeypatch.setattr(batch._Decoders, "next", next_noting_depth)
     assert run_batch(folder, tmp_path / "w.jsonl", query="the red circle", model=model, progress=False,
                      workers=1) == (9, 0, 0, 0)
