@@ -1,6 +1,7 @@
-"""benchmarks/quality.py and spec_misses.py run end to end on a few clips (figures come from real runs)."""
+"""benchmarks/quality.py, spec_misses.py and tuning.py run end to end on a few clips (figures come from real runs)."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -28,3 +29,23 @@ def test_quality_on_independently_drawn_clips_and_where_boxes_land(tmp_path):
     wrong = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "spec_misses.py"), str(clips), "--seed", "4"],
                            capture_output=True, text=True, timeout=300)
     assert wrong.returncode != 0 and "not what seed 4 draws" in wrong.stderr
+
+
+def test_tuning_scores_each_bias_and_breaks_boxes_down_by_group(tmp_path):
+    clips = tmp_path / "clips"
+    made = subprocess.run([sys.executable, "-m", "stgcli", "synth", str(clips), "--n", "3", "--seed", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(clips), "--bias", "0", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = re.findall(r"bias ([+-][\d.]+) \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*\| box IoU ([\d.]+)", done.stdout)
+    assert [b for b, *_ in lines] == ["+0.0", "+1.0"]
+    assert all(0 <= float(v) <= 1 for _, *vals in lines for v in vals)
+    assert lines[0][3] == lines[1][3]  # the boxes do not depend on the presence bias
+    groups = dict(re.findall(r"^  (plain|moving|still|no twin|twin) +n +(\d+) \|", done.stdout, re.M))
+    rows = [json.loads(x) for x in (clips / "manifest.jsonl").read_text().splitlines()]
+    # every group with a clip is listed, and the twin / no-twin split covers every box once
+    assert {r["form"] for r in rows} <= set(groups)
+    assert sum(int(groups[g]) for g in ("twin", "no twin") if g in groups) == \
+        sum(int(groups[f]) for f in ("plain", "moving", "still") if f in groups) > 0

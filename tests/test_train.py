@@ -365,3 +365,24 @@ def test_stg_train_command_output(tmp_path, capsys):
         stdout, stderr = capsys.readouterr()
         assert stdout.strip() == f"model written to {tmp_path / out / 'model'}"
         assert "train" in stderr and "Writing model shards" not in stderr and "Loading weights" not in stderr
+
+
+def test_every_committed_training_config_loads():
+    """A typo in an example config (a misspelt field, a model override that no longer exists) fails
+    here, not an hour into someone's run; and the config that made the built-in model builds it."""
+    from pathlib import Path
+
+    from stgcli.weights import load_model
+
+    examples = sorted((Path(__file__).resolve().parent.parent / "examples").glob("train-*.toml"))
+    assert len(examples) >= 2
+    for path in examples:
+        cfg = TrainConfig.from_toml(path)
+        assert cfg.steps > 0 and cfg.out_dir.startswith("runs/"), path.name
+        new_tiny_model(cfg, 0)  # every model override builds
+    built_in = load_model(None, device="cpu").model.config
+    made = new_tiny_model(TrainConfig.from_toml(examples[0].parent / "train-tiny.toml"), 0)[0].config
+    for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers"):
+        assert getattr(made, field) == getattr(built_in, field), field
+    assert made.vision_config.image_size == built_in.vision_config.image_size
+    assert made.text_config.hidden_size == built_in.text_config.hidden_size
