@@ -39,7 +39,8 @@ def test_tuning_scores_each_bias_and_breaks_boxes_down_by_group(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(clips), "--bias", "0", "1"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = re.findall(r"bias ([+-][\d.]+) \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*\| box IoU ([\d.]+)", done.stdout)
+    lines = re.findall(r"bias ([+-][\d.]+) \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*\| box IoU ([\d.]+)",
+                       done.stdout)
     assert [b for b, *_ in lines] == ["+0.0", "+1.0"]
     assert all(0 <= float(v) <= 1 for _, *vals in lines for v in vals)
     assert lines[0][3] == lines[1][3]  # the boxes do not depend on the presence bias
