@@ -147,11 +147,19 @@ def new_tiny_model(cfg: TrainConfig, seed: int):
 GRID_TENSORS = ("model.vision_tower.embeddings.position_embedding.weight", "space_decoder.pos_embed")
 
 
+# Optional space-decoder parts a later leg may switch on (`motion_features`, `attr_classes`): the
+# earlier model lacks them, so they start fresh, and the motion path's last layer starts at zero so
+# the new model computes exactly what the earlier one did until training moves it.
+ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.")
+ZERO_START = ("space_decoder.motion_conv.",)
+
+
 def init_weights(model, src: str | Path) -> None:
     """Load an earlier model's weights into `model` (a later training leg). When the input size
     changed, the per-patch position embeddings are resized bicubically over the patch grid, as
     transformers' SigLIP does for `interpolate_pos_encoding`, so a model trained fast at a small
-    size goes on at a larger one. Any other difference in shape is refused: it is another model."""
+    size goes on at a larger one. Optional decoder parts the earlier model lacks (ADDABLE) start
+    fresh. Any other difference is refused: it is another model."""
     import torch
     import torch.nn.functional as F
 
@@ -176,6 +184,13 @@ def init_weights(model, src: str | Path) -> None:
             have = tuple(own[name].shape) if name in own else "no such tensor"
             raise UserError(f"{src}: init_from weight {name} is {tuple(w.shape)}, this config's model has {have}; "
                             "init_from needs the same model apart from its input size")
+    for name, w in own.items():
+        if name in weights:
+            continue
+        if not name.startswith(ADDABLE):
+            raise UserError(f"{src}: init_from model has no weight {name}; init_from needs the same model apart "
+                            "from its input size and the optional motion_features / attr_classes parts")
+        weights[name] = torch.zeros_like(w) if name.startswith(ZERO_START) else w.clone()
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
 

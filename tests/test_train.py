@@ -347,6 +347,38 @@ def test_init_from_an_earlier_leg_at_a_larger_input_size(tmp_path):
         init_weights(model, tmp_path)
 
 
+def test_init_from_may_switch_on_motion_features_and_starts_where_the_earlier_model_was(tmp_path):
+    """A later leg may add the optional decoder parts (motion_features here): they start fresh, the
+    motion path at zero, so the new model's outputs are the earlier model's until training moves
+    it; a missing tensor of any other part is refused."""
+    from stgcli.models.spacevllm import SpaceVLLMForConditionalGeneration
+    from stgcli.train import init_weights
+    from tests.test_model import SMALL
+
+    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
+    src = tmp_path / "leg1" / "model"
+    old = SpaceVLLMForConditionalGeneration.from_pretrained(src).eval()
+    cfg = small_cfg(model=dict(SMALL, motion_features=True))
+    model, proc = new_tiny_model(cfg, 0)
+    init_weights(model, src)
+    model.eval()
+    batch = make_batch(cfg, proc, step=3)
+    with torch.no_grad():
+        a, b = old.ground_forward(**batch)[0], model.ground_forward(**batch)[0]
+    torch.testing.assert_close(b.boxes, a.boxes)
+    torch.testing.assert_close(b.presence_logits, a.presence_logits)
+    assert model.space_decoder.motion_in.weight.abs().sum() > 0  # fresh, not zero: the conv learns from it
+
+    out = train(small_cfg(out_dir=str(tmp_path / "leg2"), steps=2, model=dict(SMALL, motion_features=True),
+                          init_from=str(src)), progress=False)
+    leg2 = SpaceVLLMForConditionalGeneration.from_pretrained(out)
+    assert leg2.config.motion_features and leg2.space_decoder.motion_conv.weight.abs().sum() > 0  # it trained
+
+    deeper = dict(SMALL, decoder_layers=2)
+    with pytest.raises(UserError, match="has no weight space_decoder.query_layers.1"):
+        init_weights(new_tiny_model(small_cfg(model=deeper), 0)[0], src)
+
+
 def test_stg_train_command_output(tmp_path, capsys):
     """`stg train`: stdout names the model folder; stderr holds the training bar and stg's own lines,
     not transformers' loading and saving bars (they broke the bar's line on every checkpoint)."""
