@@ -41,6 +41,10 @@ def write_section(heading: str, section: str, path: Path = HERE / "RESULTS.md") 
     path.write_text(head.rstrip() + "\n\n" + "\n".join(p.rstrip() + "\n" for p in rest))
 
 
+# A box with IoU below this is a miss (on another object or background), in every box diagnostic.
+MISS_IOU = 0.1
+
+
 def true_span_boxes(model, prep: dict, boxes, row: dict) -> list[tuple[int, list[float], float]]:
     """(frame, the model's box in pixels, its IoU with the truth) on each sampled frame inside the
     true span of a clip (`row`, its manifest line): the boxes alone, whatever span was chosen."""

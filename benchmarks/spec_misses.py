@@ -19,7 +19,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import spec_clips as sc  # noqa: E402
-from _common import true_span_boxes  # noqa: E402
+from _common import MISS_IOU, true_span_boxes  # noqa: E402
 
 from stgcli import load_model  # noqa: E402
 from stgcli.pipeline import prepare, run_model  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
         prep = prepare(model, folder / row["video"], row["query"], None)
         _, boxes, _, _ = run_model(model, prep)
         for f, box, iou in true_span_boxes(model, prep, boxes, row):
-            where = "target" if iou >= 0.1 else landed_on(clip, f / clip.fps,
+            where = "target" if iou >= MISS_IOU else landed_on(clip, f / clip.fps,
                                                            ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))
             for g in ("all", f"form={row['form']}", "twin" if row["has_twin"] else "no twin"):
                 s = groups.setdefault(g, {"iou": [], "on": {}})
@@ -68,7 +68,7 @@ def main() -> None:
         if g not in groups:
             continue
         s, n = groups[g], len(groups[g]["iou"])
-        hits = [x for x in s["iou"] if x >= 0.1]
+        hits = [x for x in s["iou"] if x >= MISS_IOU]
         print(f"| {g} | {n} | {np.mean(s['iou']):.3f} | {np.mean(hits) if hits else 0:.3f} | "
               + " | ".join(f"{s['on'].get(k, 0) / n:.0%}" for k in kinds) + " |")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _common import true_span_box_ious
+from _common import MISS_IOU, true_span_box_ious
 from stgcli.metrics import score_sample, summarize
 from stgcli.pipeline import finish, prepare, run_model
 from stgcli.weights import load_model
@@ -36,28 +36,25 @@ def main() -> None:
     rows = [json.loads(x) for x in (args.clips / "manifest.jsonl").read_text().splitlines()]
     m = load_model(args.model, device="cpu", span_decoding=args.span_decoding)
     preps = [prepare(m, args.clips / r["video"], r["query"]) for r in rows]
-    groups: dict[str, list[float]] = {}
     for bias in args.bias or [m.model.config.presence_bias]:
         m.model.config.presence_bias = bias
-        scores, ious, groups = [], [], {}
+        scores, clip_ious = [], []
         for r, prep in zip(rows, preps):
             text, boxes, presence, _ = run_model(m, prep)
             res = finish(m, prep, args.clips / r["video"], text, boxes, presence, {}, [])
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
-            clip_ious = true_span_box_ious(m, prep, boxes, r)
-            ious += clip_ious
-            for g in (r["form"], "twin" if r["has_twin"] else "no twin"):
-                groups.setdefault(g, []).extend(clip_ious)
-        s, iou = summarize(scores), np.asarray(ious)
+            clip_ious.append(true_span_box_ious(m, prep, boxes, r))
+        s, iou = summarize(scores), np.concatenate([np.asarray(x, float) for x in clip_ious])
         print(f"{m.name} bias {bias:+.1f} ({args.span_decoding}): m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
-              f"miss {np.mean(iou < 0.1):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
+              f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
     print("boxes on true-span frames by group:")
     for g in ("plain", "moving", "still", "no twin", "twin"):
-        x = np.asarray(groups.get(g, []))
+        x = np.asarray([v for r, vs in zip(rows, clip_ious) if g in (r["form"], "twin" if r["has_twin"] else "no twin")
+                        for v in vs])
         if len(x):
-            kept = x[x >= 0.1]
-            print(f"  {g:8s} n {len(x):4d} | box IoU {x.mean():.3f} miss {np.mean(x < 0.1):.2f} "
+            kept = x[x >= MISS_IOU]
+            print(f"  {g:8s} n {len(x):4d} | box IoU {x.mean():.3f} miss {np.mean(x < MISS_IOU):.2f} "
                   f"IoU of the rest {kept.mean() if len(kept) else float('nan'):.3f}")
 
 
