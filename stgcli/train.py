@@ -30,6 +30,7 @@ class TrainConfig:
     lr: float = 6e-4
     min_lr_ratio: float = 0.05
     warmup_steps: int = 150
+    decay_steps: int = 0            # cosine decay over the last decay_steps steps, the peak held before; 0: all
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     num_frames: int = 16
@@ -93,6 +94,7 @@ class TrainConfig:
                  ("log_every", self.log_every >= 1), ("checkpoint_every", self.checkpoint_every >= 1),
                  ("num_frames", self.num_frames >= 1), ("short_frames", self.short_frames >= 1),
                  ("warmup_steps", self.warmup_steps >= 0),
+                 ("decay_steps", 0 <= self.decay_steps <= max(0, self.steps - self.warmup_steps)),
                  ("min_frames", 1 <= self.min_frames <= self.max_frames), ("decode_frames", self.decode_frames >= 0),
                  ("threads", self.threads >= 0), ("data_workers", self.data_workers >= 0),
                  ("max_minutes", self.max_minutes >= 0), ("weight_decay", self.weight_decay >= 0),
@@ -341,9 +343,13 @@ def _batches(cfg: TrainConfig, processor, start: int, workers: int):
 
 
 def _lr_at(cfg: TrainConfig, step: int) -> float:
+    """Linear warm-up, then cosine down to min_lr_ratio: over the whole rest of the run, or, with
+    decay_steps, over its last decay_steps steps only (the peak held until then: a fixed budget's
+    run then spends most of its steps at a rate high enough to learn, and anneals at the end)."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / cfg.warmup_steps
-    p = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    decay = cfg.decay_steps or cfg.steps - cfg.warmup_steps
+    p = min(1.0, max(0.0, (step - (cfg.steps - decay)) / max(1, decay)))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 

@@ -192,6 +192,8 @@ def test_config_errors(tmp_path):
     ("[train]\njpeg_prob = 2.0\n", "jpeg_prob = 2.0 is out of range"),
     ("[train]\nshort_prob = 1.5\n", "short_prob = 1.5 is out of range"),
     ("[train]\nshort_frames = 0\n", "short_frames = 0 is out of range"),
+    ("[train]\nsteps = 100\nwarmup_steps = 10\ndecay_steps = 91\n", "decay_steps = 91 is out of range"),
+    ("[train]\ndecay_steps = -1\n", "decay_steps = -1 is out of range"),
     ("train = 5\n", "train must be a table"),
     ("steps = 5\n[train]\nseed = 1\n", "steps outside [train]"),
     ("[train]\nseed = 1\n[model]\nfoo = 1\n", "model outside [train]"),
@@ -203,6 +205,29 @@ def test_config_values_are_checked(tmp_path, text, needle):
     p.write_text(text)
     with pytest.raises(UserError, match=re.escape(needle)):
         TrainConfig.from_toml(p)
+
+
+def test_learning_rate_schedule_with_and_without_a_decay_phase():
+    """decay_steps = 0 is the cosine over the whole run after warm-up; decay_steps = D holds the peak
+    and runs the same cosine over the last D steps only."""
+    import math
+
+    from stgcli.train import _lr_at
+
+    whole = TrainConfig(steps=1000, warmup_steps=100, lr=4e-4, min_lr_ratio=0.05)
+    assert _lr_at(whole, 0) == pytest.approx(4e-6) and _lr_at(whole, 99) == pytest.approx(4e-4)
+    for step in (100, 325, 550, 999):
+        p = (step - 100) / 900
+        assert _lr_at(whole, step) == pytest.approx(4e-4 * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * p))))
+    held = TrainConfig(steps=1000, warmup_steps=100, lr=4e-4, min_lr_ratio=0.05, decay_steps=300)
+    assert [_lr_at(held, s) for s in (0, 99)] == [_lr_at(whole, s) for s in (0, 99)]
+    assert all(_lr_at(held, s) == pytest.approx(4e-4) for s in range(100, 701, 50))
+    half = 4e-4 * (0.05 + 0.95 * 0.5)
+    assert _lr_at(held, 850) == pytest.approx(half) and _lr_at(whole, 550) == pytest.approx(half)
+    assert _lr_at(held, 1000) == pytest.approx(4e-4 * 0.05)
+    lrs = [_lr_at(held, s) for s in range(700, 1001)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert TrainConfig(steps=1000, warmup_steps=100, decay_steps=900).check() is None  # the whole run: allowed
 
 
 def test_binary_config_is_a_user_error(tmp_path):
