@@ -54,6 +54,26 @@ def _join_numbers(text: str) -> str:
     return re.sub(r"\s+", " ", norm)
 
 
+def normalize_frames(frames: np.ndarray, image_size: int, mean, std) -> np.ndarray:
+    """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32 normalised. Resizes only if needed. A plain
+    function of the processor's settings, so that stg batch's decoding workers can run it."""
+    import cv2
+
+    s = image_size
+    if frames.shape[1:3] != (s, s):
+        frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
+    # Normalised through a 256-entry table per channel: the same float32 arithmetic as
+    # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster).
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
+    planes = frames.transpose(0, 3, 1, 2)
+    out = np.empty(planes.shape, np.float32)
+    for c in range(planes.shape[1]):
+        out[:, c] = lut[c][planes[:, c]]
+    return out
+
+
 class SpaceVLLMProcessor:
     """Turns (frames, times, sentence) into tensors and the model's answer back into a span."""
 
@@ -65,6 +85,7 @@ class SpaceVLLMProcessor:
         pattern = re.escape(settings.answer_template)
         pattern = pattern.replace(r"\{start\}", _ANSWER_NUM).replace(r"\{end\}", _ANSWER_NUM)
         self._answer_re = re.compile(pattern)
+        self._time_ids: dict[str, list[int]] = {}  # a timestamp's tokens: the same few hundred strings recur
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -96,23 +117,16 @@ class SpaceVLLMProcessor:
         return cls(tok, ProcessorSettings(**settings))
 
     # -- frames --------------------------------------------------------------------------------
+    @property
+    def frame_settings(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
+        """What `normalize_frames` needs (input size, mean, std): all a decoding worker process needs
+        to prepare frames, without the tokenizer."""
+        s = self.settings
+        return s.image_size, tuple(s.image_mean), tuple(s.image_std)
+
     def preprocess_frames(self, frames: np.ndarray) -> np.ndarray:
         """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32 normalised. Resizes only if needed."""
-        import cv2
-
-        s = self.settings.image_size
-        if frames.shape[1:3] != (s, s):
-            frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
-        # Normalised through a 256-entry table per channel: the same float32 arithmetic as
-        # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster).
-        mean = np.asarray(self.settings.image_mean, np.float32)
-        std = np.asarray(self.settings.image_std, np.float32)
-        lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
-        planes = frames.transpose(0, 3, 1, 2)
-        out = np.empty(planes.shape, np.float32)
-        for c in range(planes.shape[1]):
-            out[:, c] = lut[c][planes[:, c]]
-        return out
+        return normalize_frames(frames, *self.frame_settings)
 
     # -- text ----------------------------------------------------------------------------------
     def format_time(self, t: float) -> str:
@@ -120,6 +134,17 @@ class SpaceVLLMProcessor:
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
+
+    def _timestamp_ids(self, t: float) -> list[int]:
+        """Tokens of one frame's timestamp, remembered: tokenizing 16 of them one by one took about
+        1 ms per clip of stg batch's main process, its one serial step."""
+        text = self.format_time(t)
+        ids = self._time_ids.get(text)
+        if ids is None:
+            if len(self._time_ids) >= 4096:  # bounded however long the videos
+                self._time_ids.clear()
+            ids = self._time_ids[text] = self._ids(text)
+        return ids
 
     def encode_prompt(self, query: str, times_s) -> tuple[list[int], list[bool]]:
         """Token ids of the prompt and a mask marking the sentence's tokens (for the space decoder)."""
@@ -131,7 +156,7 @@ class SpaceVLLMProcessor:
         ids += self._ids(s.intro)
         block = [self.video_token_id] * s.tokens_per_frame + [self.query_token_id]
         for t in times_s:
-            ids += self._ids(self.format_time(float(t))) + block
+            ids += self._timestamp_ids(float(t)) + block
         ids += [self.video_token_id]
         ids += self._ids(s.suffix)
         text_mask += [False] * (len(ids) - len(text_mask))
