@@ -438,7 +438,11 @@ def test_every_committed_training_config_loads():
         assert cfg.steps > 0 and cfg.out_dir.startswith("runs/"), path.name
         new_tiny_model(cfg, 0)  # every model override builds
     built_in = load_model(None, device="cpu").model.config
-    made = new_tiny_model(TrainConfig.from_toml(examples[0].parent / "train-tiny.toml"), 0)[0].config
+    # the built-in model is train-tiny.toml, then train-tiny-motion.toml on top of its model
+    first = TrainConfig.from_toml(examples[0].parent / "train-tiny.toml")
+    last = TrainConfig.from_toml(examples[0].parent / "train-tiny-motion.toml")
+    assert last.init_from == first.out_dir + "/model"
+    made = new_tiny_model(last, 0)[0].config
     for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers"):
         assert getattr(made, field) == getattr(built_in, field), field
     assert made.vision_config.image_size == built_in.vision_config.image_size
