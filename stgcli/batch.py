@@ -158,38 +158,21 @@ MAX_AHEAD = 16
 DECODER_NICE = 10
 
 
-def clips_ahead(frames: int, size: tuple[int, int], itemsize: int = 1) -> int:
-    """How many decoded clips may wait beyond those being decoded (at least 2); `itemsize`: bytes
-    per value (1: uint8 frames, 4: float32 pixel inputs)."""
-    clip_bytes = max(1, frames) * size[0] * size[1] * 3 * itemsize
+def clips_ahead(frames: int, size: tuple[int, int]) -> int:
+    """How many decoded clips may wait beyond those being decoded (at least 2)."""
+    clip_bytes = max(1, frames) * size[0] * size[1] * 3
     return max(2, min(MAX_AHEAD, AHEAD_BYTES // clip_bytes))
 
 
-class Decoded(NamedTuple):
-    """A worker's clip: its sampled frames, and the model's pixel inputs made from them there."""
-    sampled: object  # video.SampledFrames; its frames are left out (pixels replace them)
-    pixels: object  # numpy (F, 3, S, S) float32, normalised
-
-
-def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | None, size: tuple[int, int],
-                prepare: tuple | None = None):
+def decode_clip(video: str, frames: int, start_s: float | None, end_s: float | None, size: tuple[int, int]):
     """Worker process: one clip's sampled frames and the seconds it took, or (None, (error type,
-    message)). With `prepare` (the processor's `frame_settings`) the frames come back as the model's
-    pixel inputs instead (Decoded): normalising here takes that step off the main process, the one
-    serial step of a batch, at the cost of a larger transfer. Errors come back as text: an exception
-    that does not pickle (some of FFmpeg's) would break the whole pool."""
-    import dataclasses
-
+    message)). Errors come back as text: an exception that does not pickle (some of FFmpeg's)
+    would break the whole pool."""
     from .video import sample_frames
 
     t0 = time.perf_counter()
     try:
         sampled = sample_frames(video, frames, start_s=start_s, end_s=end_s, size=size, threads=1)
-        if prepare is not None:
-            from .models.spacevllm.processing_spacevllm import normalize_frames
-
-            pixels = normalize_frames(sampled.frames, *prepare)
-            sampled = Decoded(dataclasses.replace(sampled, frames=sampled.frames[:0].copy()), pixels)
     except Exception as e:  # noqa: BLE001 - one bad file must not stop ten thousand others
         return None, (type(e).__name__, str(e))
     return sampled, time.perf_counter() - t0
@@ -236,8 +219,7 @@ class _Decoders:
     at a time, and no decoding holding the model's GIL.
     """
 
-    def __init__(self, workers: int, frames: int, size: tuple[int, int], timeout: float | None = None,
-                 prepare: tuple | None = None):
+    def __init__(self, workers: int, frames: int, size: tuple[int, int], timeout: float | None = None):
         import multiprocessing
 
         # fork on Linux: spawn would import the caller's main module again in every worker, and a
@@ -247,7 +229,6 @@ class _Decoders:
         # offers fork too, but its system frameworks are not safe to use after one.
         self.ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
         self.workers, self.frames, self.size, self.timeout = workers, frames, size, timeout
-        self.prepare = prepare  # decode_clip's: the processor's frame settings, or None for raw frames
         self.pool = self._new_pool(workers)
         self.window: deque = deque()
 
@@ -270,7 +251,7 @@ class _Decoders:
 
     def _args(self, item) -> tuple:
         """decode_clip's arguments for a (video, query, start_s, end_s, origin) item."""
-        return item[0], self.frames, item[2], item[3], self.size, self.prepare
+        return item[0], self.frames, item[2], item[3], self.size
 
     def __len__(self) -> int:
         return len(self.window)
@@ -492,8 +473,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     for item in todo:
         clips.setdefault((file_key(item[0]), item[2], item[3]), []).append(item)
     size = model_input_size(loaded)
-    decoders = _Decoders(workers, n, size, decode_timeout or None, loaded.processor.frame_settings)
-    ahead = clips_ahead(n, size, itemsize=4)
+    decoders = _Decoders(workers, n, size, decode_timeout or None)
+    ahead = clips_ahead(n, size)
     in_flight: deque = deque()  # the pairs of each clip in the decoders' window, in the same order
 
     def submit(pairs: list) -> None:
@@ -508,8 +489,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                 if len(decoders) >= workers + ahead:
                     break
             while len(decoders):
-                _, (decoded, got) = decoders.next()
-                sampled, pixels = decoded if decoded is not None else (None, None)
+                _, (sampled, got) = decoders.next()
                 pairs = in_flight.popleft()
                 nxt = next(it, None)
                 if nxt is not None:
@@ -521,8 +501,7 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                         kind, message = got
                     else:
                         try:  # the decode's time goes to the clip's first pair: summed, the lines add up
-                            prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0,
-                                                  pixels=pixels)
+                            prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0)
                         except Exception as e:  # noqa: BLE001 - as a decoding error: this pair's line, not the end
                             kind, message = type(e).__name__, str(e)
                     if prep is None:

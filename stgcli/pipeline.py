@@ -86,12 +86,10 @@ def model_input_size(loaded) -> tuple[int, int]:
     return s, s
 
 
-def prepare_sampled(loaded, query: str, sampled, t0: float, decode_s: float = 0.0, pixels=None) -> dict:
+def prepare_sampled(loaded, query: str, sampled, t0: float, decode_s: float = 0.0) -> dict:
     """The model inputs of frames already sampled (batch decodes them in worker processes);
-    `decode_s` is time spent before `t0` decoding them; `pixels`, the frames already normalised
-    (`preprocess_frames`; batch's workers do that too)."""
-    if pixels is None:
-        pixels = loaded.processor.preprocess_frames(sampled.frames)
+    `decode_s` is time spent before `t0` decoding them."""
+    pixels = loaded.processor.preprocess_frames(sampled.frames)
     ids, text_mask = loaded.processor.encode_prompt(query, sampled.times_s)
     return {"query": query, "sampled": sampled, "pixels": pixels, "ids": ids, "text_mask": text_mask,
             "decode_s": decode_s + time.perf_counter() - t0}

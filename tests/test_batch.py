@@ -11,7 +11,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from stgcli import batch as batch_module
@@ -353,30 +352,6 @@ def test_clips_ahead_is_bounded_in_bytes():
     assert clips_ahead(16, (128, 128)) == 16  # the built-in model: 0.8 MB a clip, the count caps it
     assert clips_ahead(64, (384, 384)) == 9  # the 7B: 28 MB a clip, 256 MB in all
     assert clips_ahead(256, (1024, 1024)) == 2  # never fewer than 2
-    # stg batch's workers send float32 pixel inputs: 4 bytes a value, the same 256 MB
-    assert clips_ahead(16, (128, 128), itemsize=4) == 16  # 3.1 MB a clip
-    assert clips_ahead(64, (384, 384), itemsize=4) == 2  # 113 MB a clip
-
-
-def test_workers_send_the_model_inputs_not_the_frames(model):
-    """With the processor's frame settings a worker normalises the frames itself (the main process,
-    the batch's serial step, no longer does): the pixels are exactly preprocess_frames' and the raw
-    frames stay behind; without them the raw frames come back, as before."""
-    from stgcli.batch import Decoded, decode_clip
-    from stgcli.video import sample_frames
-
-    size = (model.processor.settings.image_size,) * 2
-    decoded, seconds = decode_clip(str(EXAMPLE), 6, None, None, size, model.processor.frame_settings)
-    assert isinstance(decoded, Decoded) and seconds > 0
-    alone = sample_frames(EXAMPLE, 6, size=size)
-    assert np.array_equal(decoded.pixels, model.processor.preprocess_frames(alone.frames))
-    assert decoded.pixels.shape == (6, 3) + size and decoded.sampled.frames.size == 0
-    assert list(decoded.sampled.indices) == list(alone.indices)
-    raw, _ = decode_clip(str(EXAMPLE), 6, None, None, size)
-    assert np.array_equal(raw.frames, alone.frames)
-    failed, (kind, message) = decode_clip(str(EXAMPLE) + ".missing", 6, None, None, size,
-                                          model.processor.frame_settings)
-    assert failed is None and kind and "missing" in message
 
 
 def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, monkeypatch):
@@ -392,7 +367,7 @@ def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, mo
         most[0] = max(most[0], len(self))
         return real_next(self)
 
-    monkeypatch.setattr(batch, "clips_ahead", lambda frames, size, itemsize=1: 3)
+    monkeypatch.setattr(batch, "clips_ahead", lambda frames, size: 3)
     monkeypatch.setattr(batch._Decoders, "next", next_noting_depth)
     assert run_batch(folder, tmp_path / "w.jsonl", query="the red circle", model=model, progress=False,
                      workers=1) == (9, 0, 0, 0)
@@ -502,10 +477,10 @@ def test_a_clip_that_fails_after_decoding_is_an_error_line(folder, tmp_path, mod
 
     real = pipeline.prepare_sampled
 
-    def prepare_sampled(loaded, query, sampled, t0, decode_s=0.0, **kw):
+    def prepare_sampled(loaded, query, sampled, t0, decode_s=0.0):
         if sampled.info.path.endswith("b.mp4"):
             raise ValueError("cannot preprocess this one")
-        return real(loaded, query, sampled, t0, decode_s, **kw)
+        return real(loaded, query, sampled, t0, decode_s)
 
     monkeypatch.setattr(pipeline, "prepare_sampled", prepare_sampled)
     out = tmp_path / "e.jsonl"

@@ -54,26 +54,6 @@ def _join_numbers(text: str) -> str:
     return re.sub(r"\s+", " ", norm)
 
 
-def normalize_frames(frames: np.ndarray, image_size: int, mean, std) -> np.ndarray:
-    """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32 normalised. Resizes only if needed. A plain
-    function of the processor's settings, so that stg batch's decoding workers can run it."""
-    import cv2
-
-    s = image_size
-    if frames.shape[1:3] != (s, s):
-        frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
-    # Normalised through a 256-entry table per channel: the same float32 arithmetic as
-    # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster).
-    mean = np.asarray(mean, np.float32)
-    std = np.asarray(std, np.float32)
-    lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
-    planes = frames.transpose(0, 3, 1, 2)
-    out = np.empty(planes.shape, np.float32)
-    for c in range(planes.shape[1]):
-        out[:, c] = lut[c][planes[:, c]]
-    return out
-
-
 class SpaceVLLMProcessor:
     """Turns (frames, times, sentence) into tensors and the model's answer back into a span."""
 
@@ -117,16 +97,23 @@ class SpaceVLLMProcessor:
         return cls(tok, ProcessorSettings(**settings))
 
     # -- frames --------------------------------------------------------------------------------
-    @property
-    def frame_settings(self) -> tuple[int, tuple[float, ...], tuple[float, ...]]:
-        """What `normalize_frames` needs (input size, mean, std): all a decoding worker process needs
-        to prepare frames, without the tokenizer."""
-        s = self.settings
-        return s.image_size, tuple(s.image_mean), tuple(s.image_std)
-
     def preprocess_frames(self, frames: np.ndarray) -> np.ndarray:
         """(F, H, W, 3) uint8 RGB -> (F, 3, S, S) float32 normalised. Resizes only if needed."""
-        return normalize_frames(frames, *self.frame_settings)
+        import cv2
+
+        s = self.settings.image_size
+        if frames.shape[1:3] != (s, s):
+            frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
+        # Normalised through a 256-entry table per channel: the same float32 arithmetic as
+        # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster).
+        mean = np.asarray(self.settings.image_mean, np.float32)
+        std = np.asarray(self.settings.image_std, np.float32)
+        lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
+        planes = frames.transpose(0, 3, 1, 2)
+        out = np.empty(planes.shape, np.float32)
+        for c in range(planes.shape[1]):
+            out[:, c] = lut[c][planes[:, c]]
+        return out
 
     # -- text ----------------------------------------------------------------------------------
     def format_time(self, t: float) -> str:
