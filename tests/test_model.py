@@ -56,19 +56,6 @@ def test_prompt_interleaves_frames_and_queries(small):
     assert proc.tokenizer.decode(sentence) == "the red circle"
 
 
-def test_timestamp_tokens_are_remembered_and_stay_right(small):
-    """encode_prompt remembers each timestamp's tokens (stg batch tokenised the same strings for
-    every clip); the prompt is the same as tokenising afresh, also past the memory's bound."""
-    _, proc = small
-    times = [i / 10 for i in range(5000)]  # more distinct timestamps than are kept
-    for chunk in range(0, 5000, 50):
-        ids, _ = proc.encode_prompt("the red circle", times[chunk:chunk + 50])
-        fresh = SpaceVLLMProcessor(proc.tokenizer, proc.settings).encode_prompt("the red circle",
-                                                                              times[chunk:chunk + 50])[0]
-        assert ids == fresh
-    assert len(proc._time_ids) <= 4096
-
-
 def test_encode_video_patches_are_the_projected_selected_layer(small):
     """The space decoder's patches are the projector's output on the configured vision layer
     (caught on transformers' own pass), one row per frame."""

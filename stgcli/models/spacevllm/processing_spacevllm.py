@@ -65,7 +65,6 @@ class SpaceVLLMProcessor:
         pattern = re.escape(settings.answer_template)
         pattern = pattern.replace(r"\{start\}", _ANSWER_NUM).replace(r"\{end\}", _ANSWER_NUM)
         self._answer_re = re.compile(pattern)
-        self._time_ids: dict[str, list[int]] = {}  # a timestamp's tokens: the same few hundred strings recur
 
     # -- persistence ---------------------------------------------------------------------------
     def save_pretrained(self, directory: str | Path) -> None:
@@ -122,17 +121,6 @@ class SpaceVLLMProcessor:
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False) if text else []
 
-    def _timestamp_ids(self, t: float) -> list[int]:
-        """Tokens of one frame's timestamp, remembered: tokenizing 16 of them one by one took about
-        1 ms per clip of stg batch's main process, its one serial step."""
-        text = self.format_time(t)
-        ids = self._time_ids.get(text)
-        if ids is None:
-            if len(self._time_ids) >= 4096:  # bounded however long the videos
-                self._time_ids.clear()
-            ids = self._time_ids[text] = self._ids(text)
-        return ids
-
     def encode_prompt(self, query: str, times_s) -> tuple[list[int], list[bool]]:
         """Token ids of the prompt and a mask marking the sentence's tokens (for the space decoder)."""
         s = self.settings
@@ -143,7 +131,7 @@ class SpaceVLLMProcessor:
         ids += self._ids(s.intro)
         block = [self.video_token_id] * s.tokens_per_frame + [self.query_token_id]
         for t in times_s:
-            ids += self._timestamp_ids(float(t)) + block
+            ids += self._ids(self.format_time(float(t))) + block
         ids += [self.video_token_id]
         ids += self._ids(s.suffix)
         text_mask += [False] * (len(ids) - len(text_mask))
