@@ -48,6 +48,7 @@ class TrainConfig:
     threads: int = 0                # 0: torch's default
     data_workers: int = 1           # processes drawing clips ahead of the training step
     max_minutes: float = 0.0        # stop (and save) once trained this long, resumed legs included; 0: no limit
+    stop_step: int = 0              # end after this step, the schedule still planned over `steps`; 0: at `steps`
     twin_prob: float = 0.3          # share of clips with a twin of the target (synth.sample_clip)
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
@@ -97,7 +98,8 @@ class TrainConfig:
                  ("decay_steps", 0 <= self.decay_steps <= max(0, self.steps - self.warmup_steps)),
                  ("min_frames", 1 <= self.min_frames <= self.max_frames), ("decode_frames", self.decode_frames >= 0),
                  ("threads", self.threads >= 0), ("data_workers", self.data_workers >= 0),
-                 ("max_minutes", self.max_minutes >= 0), ("weight_decay", self.weight_decay >= 0),
+                 ("max_minutes", self.max_minutes >= 0),
+                 ("stop_step", 0 <= self.stop_step <= self.steps), ("weight_decay", self.weight_decay >= 0),
                  ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
                                                              "blur_prob", "twin_prob", "shared_prob", "short_prob")]
@@ -331,10 +333,18 @@ def _batches(cfg: TrainConfig, processor, start: int, workers: int):
             return (make_batch(cfg, processor, k) for k in range(start, cfg.steps))
 
     def init(_):
+        import signal
+
         import cv2
 
         torch.set_num_threads(1)
         cv2.setNumThreads(1)
+        # A terminal's Ctrl-C and a job scheduler's SIGTERM reach the whole process group. The trainer
+        # saves its steps and then stops this worker; a worker the signal killed first made torch's
+        # SIGCHLD handler raise in the middle of that save (a torn checkpoint.tmp, the steps lost).
+        # torch ends the worker when the trainer is gone, however it went.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     if workers == 0:
         return iter(Steps())
@@ -354,7 +364,7 @@ def _lr_at(cfg: TrainConfig, step: int) -> float:
 
 
 # What a resumed run may change: how long it runs and how it reports, never what it learns from.
-RESUMABLE = ("out_dir", "steps", "max_minutes", "checkpoint_every", "log_every", "data_workers", "threads")
+RESUMABLE = ("out_dir", "steps", "stop_step", "max_minutes", "checkpoint_every", "log_every", "data_workers", "threads")
 
 
 def _fixed_settings(cfg: TrainConfig) -> dict:
@@ -467,6 +477,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         if cfg.max_minutes and spent >= cfg.max_minutes * 60:
             raise UserError(f"{out_dir / 'checkpoint'}: this run has trained {spent / 60:.1f} minutes already, "
                             f"max_minutes is {cfg.max_minutes:g}; raise max_minutes to train on")
+        if start >= _last_step(cfg):
+            raise UserError(f"{out_dir / 'checkpoint'}: this run is at step {start} already, and the config ends it "
+                            f"at step {_last_step(cfg)}; raise steps (or stop_step) to train on")
     else:
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # --force: the earlier run's state goes
             if (out_dir / name).is_dir():
@@ -489,7 +502,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
                             "the config changed? Resume with the config that made it") from None
     torch.manual_seed(cfg.seed + start)
     t0 = time.time() - spent  # times (log, max_minutes) count the whole run, earlier legs included
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", disable=not progress,
+    bar = tqdm(range(start, _last_step(cfg)), initial=start, total=_last_step(cfg), desc="train", disable=not progress,
                dynamic_ncols=True)
     batches = _batches(cfg, processor, start, cfg.data_workers)
     saved = completed = start
@@ -552,6 +565,13 @@ def _signals_held() -> Iterator[None]:
             signal.raise_signal(s)  # its own handler runs now: KeyboardInterrupt, Terminated, exit
 
 
+def _last_step(cfg: TrainConfig) -> int:
+    """`stop_step` makes a run that a time limit once cut short reproducible on any machine: v3's
+    first leg stopped at step 3697 of a schedule planned over 3800 (its max_minutes), and that is
+    what its config now says, whatever the machine's speed."""
+    return cfg.stop_step or cfg.steps
+
+
 def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: float, log: list, bar,
                 out_dir: Path) -> tuple[bool, bool]:
     """Log step `step` and checkpoint when due: (a checkpoint was saved, the run stops here)."""
@@ -566,7 +586,7 @@ def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: flo
     bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
     if (step + 1) % cfg.log_every == 0:
         log.append(rec)
-    done = step + 1 == cfg.steps
+    done = step + 1 == _last_step(cfg)
     out_of_time = cfg.max_minutes and elapsed > cfg.max_minutes * 60
     if not ((step + 1) % cfg.checkpoint_every == 0 or done or out_of_time):
         return False, False

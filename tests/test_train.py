@@ -73,6 +73,19 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert [r["step"] for r in log] == [1, 2, 3, 4]
     assert all(r["loss"] > 0 for r in log)
 
+    # stop_step ends a run early on the schedule planned for `steps` (how v3's first leg is reproduced
+    # on any machine); resuming without it runs the rest and lands on the uninterrupted run's weights
+    cut = small_cfg(out_dir=str(tmp_path / "c"), steps=4, stop_step=2)
+    train(cut, progress=False)
+    assert [json.loads(line)["step"] for line in (tmp_path / "c" / "train_log.jsonl").read_text().splitlines()] == [1, 2]
+    assert json.loads((tmp_path / "c" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
+    with pytest.raises(UserError, match="at step 2 already, and the config ends it at step 2"):
+        train(cut, resume=True, progress=False)
+    train(small_cfg(out_dir=str(tmp_path / "c"), steps=4), resume=True, progress=False)
+    wc = load_file(tmp_path / "c" / "model" / "model.safetensors")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wc[k], rtol=1e-5, atol=1e-6, msg=k)
+
 
 def test_ctrl_c_saves_the_steps_since_the_last_checkpoint(tmp_path, monkeypatch, capsys):
     """Ctrl-C (or SIGTERM, which the CLI raises as one) between checkpoints lost every step since
@@ -192,6 +205,7 @@ def test_config_errors(tmp_path):
     ("[train]\njpeg_prob = 2.0\n", "jpeg_prob = 2.0 is out of range"),
     ("[train]\nshort_prob = 1.5\n", "short_prob = 1.5 is out of range"),
     ("[train]\nshort_frames = 0\n", "short_frames = 0 is out of range"),
+    ("[train]\nsteps = 100\nstop_step = 101\n", "stop_step = 101 is out of range"),
     ("[train]\nsteps = 100\nwarmup_steps = 10\ndecay_steps = 91\n", "decay_steps = 91 is out of range"),
     ("[train]\ndecay_steps = -1\n", "decay_steps = -1 is out of range"),
     ("train = 5\n", "train must be a table"),
@@ -447,3 +461,51 @@ def test_every_committed_training_config_loads():
         assert getattr(made, field) == getattr(built_in, field), field
     assert made.vision_config.image_size == built_in.vision_config.image_size
     assert made.text_config.hidden_size == built_in.text_config.hidden_size
+
+
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value)
+
+
+def test_sigterm_to_the_process_group_saves_the_steps(tmp_path):
+    """A job scheduler's SIGTERM (or a terminal's Ctrl-C) reaches the data worker too. A worker the
+    signal killed first made torch raise in the middle of the trainer's save: a torn checkpoint.tmp,
+    a traceback, and every step since the last checkpoint lost. Now the worker leaves the signal to
+    the trainer, which saves where it is and says how to go on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import threading
+
+    fields = dict(small_cfg(out_dir=str(tmp_path / "run"), steps=500, data_workers=1, checkpoint_every=1000).__dict__)
+    toml = "[train]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items() if k != "model")
+    toml += "model = " + _toml(fields["model"]) + "\n"
+    (tmp_path / "cfg.toml").write_text(toml)
+    proc = subprocess.Popen([sys.executable, "-m", "stgcli", "train", "--config", str(tmp_path / "cfg.toml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not re.search(r"\b([3-9]|\d\d+)/500\b", "".join(err)):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=60)
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(err)
+    assert proc.returncode == 143, text[-2000:]
+    assert "Traceback" not in text and "DataLoader worker" not in text, text[-2000:]
+    said = re.search(r"interrupted after step (\d+); saved a checkpoint there", text)
+    assert said, text[-2000:]
+    state = json.loads((tmp_path / "run" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == int(said.group(1)) >= 3
+    assert not (tmp_path / "run" / "checkpoint.tmp").exists()
