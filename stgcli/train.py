@@ -481,11 +481,15 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             raise UserError(f"{out_dir / 'checkpoint'}: this run is at step {start} already, and the config ends it "
                             f"at step {_last_step(cfg)}; raise steps (or stop_step) to train on")
     else:
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp"):  # --force: the earlier run's state goes
+        # --force: the earlier run goes, its model too. A model left from it beside the new run's
+        # checkpoint, until the new run wrote its own, was the earlier run's: a later leg's init_from
+        # took it, silently, when the new run had been stopped.
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model"):
             if (out_dir / name).is_dir():
                 import shutil
 
                 shutil.rmtree(out_dir / name)
+        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
         model, processor = new_tiny_model(cfg, cfg.seed)
         if cfg.init_from:
             init_weights(model, cfg.init_from)

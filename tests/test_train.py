@@ -251,7 +251,9 @@ def test_binary_config_is_a_user_error(tmp_path):
         TrainConfig.from_toml(p)
 
 
-def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(tmp_path):
+def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(tmp_path, monkeypatch):
+    from stgcli import train as train_module
+
     out = tmp_path / "run"
     train(small_cfg(out_dir=str(out), steps=1), progress=False)
     model = (out / "model" / "model.safetensors").read_bytes()
@@ -278,6 +280,16 @@ def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(t
         train(small_cfg(out_dir=str(out), steps=4), resume=True, progress=False)
     train(small_cfg(out_dir=str(out), steps=1, seed=7), progress=False, force=True)  # --force starts over
     assert (out / "model" / "model.safetensors").read_bytes() != model
+    # ... and the earlier run's model goes with it: one stopped before it wrote its own leaves none
+    # (a later leg's init_from would have taken the earlier run's, silently)
+    def stopped(*_args):
+        raise KeyboardInterrupt
+        yield
+
+    monkeypatch.setattr(train_module, "_batches", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(small_cfg(out_dir=str(out), steps=1, seed=8), progress=False, force=True)
+    assert not (out / "model").exists() and not (out / "train_log.jsonl").exists()
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="out_dir is a file"):
         train(small_cfg(out_dir=str(tmp_path / "file"), steps=1), progress=False)
