@@ -484,7 +484,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         # --force: the earlier run goes, its model too. A model left from it beside the new run's
         # checkpoint, until the new run wrote its own, was the earlier run's: a later leg's init_from
         # took it, silently, when the new run had been stopped.
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model"):
+        doomed = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model")
+        if cfg.init_from and any(Path(cfg.init_from).resolve().is_relative_to((out_dir / n).resolve()) for n in doomed):
+            raise UserError(f"{cfg.init_from}: init_from lies in {out_dir}, the earlier run that --force replaces; "
+                            "copy that model elsewhere or choose another out_dir")
+        for name in doomed:
             if (out_dir / name).is_dir():
                 import shutil
 

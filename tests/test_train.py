@@ -290,6 +290,12 @@ def test_out_dir_of_an_earlier_run_is_kept_and_broken_checkpoints_are_one_line(t
     with pytest.raises(KeyboardInterrupt):
         train(small_cfg(out_dir=str(out), steps=1, seed=8), progress=False, force=True)
     assert not (out / "model").exists() and not (out / "train_log.jsonl").exists()
+    monkeypatch.undo()
+    train(small_cfg(out_dir=str(out), steps=1), progress=False, force=True)
+    kept = (out / "model" / "model.safetensors").read_bytes()
+    with pytest.raises(UserError, match="init_from lies in .*, the earlier run that --force replaces"):
+        train(small_cfg(out_dir=str(out), steps=1, init_from=str(out / "model")), progress=False, force=True)
+    assert (out / "model" / "model.safetensors").read_bytes() == kept  # a leg never deletes what it starts from
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="out_dir is a file"):
         train(small_cfg(out_dir=str(tmp_path / "file"), steps=1), progress=False)
