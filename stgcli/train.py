@@ -325,12 +325,12 @@ def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
 
 
 def _batches(cfg: TrainConfig, processor, start: int, workers: int):
-    """Batches start..steps-1, drawn in a background process so rendering overlaps the step."""
+    """Batches start..(stop_step or steps)-1, drawn in a background process so rendering overlaps the step."""
     import torch
 
     class Steps(torch.utils.data.IterableDataset):
         def __iter__(self):
-            return (make_batch(cfg, processor, k) for k in range(start, cfg.steps))
+            return (make_batch(cfg, processor, k) for k in range(start, _last_step(cfg)))
 
     def init(_):
         import signal
@@ -444,11 +444,15 @@ def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
     return model, processor, step, log, opt_state, elapsed
 
 
+# What a run leaves in its out_dir (checkpoint.tmp aside: only a save cut short leaves it).
+RUN_PARTS = ("checkpoint", "checkpoint.old", "model", "train_log.jsonl")
+
+
 def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
     """A fresh run never writes over an earlier one's model or checkpoint without --force."""
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir}: out_dir is a file; choose a folder")
-    earlier = [n for n in ("checkpoint", "checkpoint.old", "model", "train_log.jsonl") if (out_dir / n).exists()]
+    earlier = [n for n in RUN_PARTS if (out_dir / n).exists()]
     if earlier and not resume and not force:
         raise UserError(f"{out_dir}: holds an earlier run ({', '.join(earlier)}); pass --resume to continue it, "
                         "--force to start over there, or choose another out_dir")
@@ -456,6 +460,23 @@ def _check_out_dir(out_dir: Path, resume: bool, force: bool) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"{out_dir}: cannot create out_dir ({e.strerror or e}); choose another folder") from None
+
+
+def _remove_earlier_run(out_dir: Path, init_from: str) -> None:
+    """A fresh run (--force) removes the earlier run whole, its model too: a model left from it beside
+    the new run's checkpoint, until the new run wrote its own, was the earlier run's, and a later leg's
+    init_from took it silently when the new run had been stopped. Refused when init_from lies in it."""
+    import shutil
+
+    parts = [out_dir / n for n in RUN_PARTS + ("checkpoint.tmp",)]
+    if init_from and any(Path(init_from).resolve().is_relative_to(p.resolve()) for p in parts):
+        raise UserError(f"{init_from}: init_from lies in {out_dir}, the earlier run that --force replaces; "
+                        "copy that model elsewhere or choose another out_dir")
+    for p in parts:
+        if p.is_dir():
+            shutil.rmtree(p)
+        elif p.exists():
+            p.unlink()
 
 
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: bool = False) -> Path:
@@ -481,19 +502,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             raise UserError(f"{out_dir / 'checkpoint'}: this run is at step {start} already, and the config ends it "
                             f"at step {_last_step(cfg)}; raise steps (or stop_step) to train on")
     else:
-        # --force: the earlier run goes, its model too. A model left from it beside the new run's
-        # checkpoint, until the new run wrote its own, was the earlier run's: a later leg's init_from
-        # took it, silently, when the new run had been stopped.
-        doomed = ("checkpoint", "checkpoint.old", "checkpoint.tmp", "model")
-        if cfg.init_from and any(Path(cfg.init_from).resolve().is_relative_to((out_dir / n).resolve()) for n in doomed):
-            raise UserError(f"{cfg.init_from}: init_from lies in {out_dir}, the earlier run that --force replaces; "
-                            "copy that model elsewhere or choose another out_dir")
-        for name in doomed:
-            if (out_dir / name).is_dir():
-                import shutil
-
-                shutil.rmtree(out_dir / name)
-        (out_dir / "train_log.jsonl").unlink(missing_ok=True)
+        _remove_earlier_run(out_dir, cfg.init_from)
         model, processor = new_tiny_model(cfg, cfg.seed)
         if cfg.init_from:
             init_weights(model, cfg.init_from)
@@ -574,9 +583,8 @@ def _signals_held() -> Iterator[None]:
 
 
 def _last_step(cfg: TrainConfig) -> int:
-    """`stop_step` makes a run that a time limit once cut short reproducible on any machine: v3's
-    first leg stopped at step 3697 of a schedule planned over 3800 (its max_minutes), and that is
-    what its config now says, whatever the machine's speed."""
+    """Where the run ends. `stop_step` ends it before `steps`, the schedule unchanged: a run a time
+    limit once cut short is then reproduced on any machine, whatever its speed."""
     return cfg.stop_step or cfg.steps
 
 

@@ -1,6 +1,7 @@
 """Training: deterministic for a seed, checkpoints, and --resume equal to an uninterrupted run."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -436,6 +437,19 @@ def test_init_from_may_switch_on_motion_features_and_starts_where_the_earlier_mo
         init_weights(new_tiny_model(small_cfg(model=deeper), 0)[0], src)
 
 
+def _toml(value) -> str:
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return json.dumps(value)
+
+
+def _train_toml(fields: dict) -> str:
+    """A training config file's text: a [train] table of `fields`, `model` as an inline table."""
+    return "[train]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items())
+
+
 def test_stg_train_command_output(tmp_path, capsys):
     """`stg train`: stdout names the model folder; stderr holds the training bar and stg's own lines,
     not transformers' loading and saving bars (they broke the bar's line on every checkpoint)."""
@@ -443,12 +457,12 @@ def test_stg_train_command_output(tmp_path, capsys):
     from tests.test_model import SMALL
 
     leg1 = tmp_path / "leg1.toml"
-    leg1.write_text(f'[train]\nout_dir = "{(tmp_path / "a").as_posix()}"\nsteps = 2\nbatch_size = 2\nnum_frames = 4\n'
-                    'min_frames = 4\nmax_frames = 4\ndata_workers = 0\ncheckpoint_every = 1\n'
-                    f'model = {json.dumps(SMALL)}\n'.replace('": ', '" = '))
+    fields = dict(out_dir=(tmp_path / "a").as_posix(), steps=2, batch_size=2, num_frames=4, min_frames=4,
+                  max_frames=4, data_workers=0, checkpoint_every=1, model=SMALL)
+    leg1.write_text(_train_toml(fields))
     leg2 = tmp_path / "leg2.toml"
-    leg2.write_text(leg1.read_text().replace(f'{(tmp_path / "a").as_posix()}"', f'{(tmp_path / "b").as_posix()}"\n'
-                                             f'init_from = "{(tmp_path / "a" / "model").as_posix()}"'))
+    leg2.write_text(_train_toml(dict(fields, out_dir=(tmp_path / "b").as_posix(),
+                                     init_from=(tmp_path / "a" / "model").as_posix())))
     for cfg, out in ((leg1, "a"), (leg2, "b")):
         main(["train", "--config", str(cfg)])  # returns on success (a user error exits 2)
         stdout, stderr = capsys.readouterr()
@@ -481,14 +495,6 @@ def test_every_committed_training_config_loads():
     assert made.text_config.hidden_size == built_in.text_config.hidden_size
 
 
-def _toml(value) -> str:
-    if isinstance(value, dict):
-        return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
-    if isinstance(value, bool):
-        return str(value).lower()
-    return json.dumps(value)
-
-
 def test_sigterm_to_the_process_group_saves_the_steps(tmp_path):
     """A job scheduler's SIGTERM (or a terminal's Ctrl-C) reaches the data worker too. A worker the
     signal killed first made torch raise in the middle of the trainer's save: a torn checkpoint.tmp,
@@ -500,10 +506,8 @@ def test_sigterm_to_the_process_group_saves_the_steps(tmp_path):
     import sys
     import threading
 
-    fields = dict(small_cfg(out_dir=str(tmp_path / "run"), steps=500, data_workers=1, checkpoint_every=1000).__dict__)
-    toml = "[train]\n" + "".join(f"{k} = {_toml(v)}\n" for k, v in fields.items() if k != "model")
-    toml += "model = " + _toml(fields["model"]) + "\n"
-    (tmp_path / "cfg.toml").write_text(toml)
+    cfg = small_cfg(out_dir=str(tmp_path / "run"), steps=500, data_workers=1, checkpoint_every=1000)
+    (tmp_path / "cfg.toml").write_text(_train_toml(dataclasses.asdict(cfg)))
     proc = subprocess.Popen([sys.executable, "-m", "stgcli", "train", "--config", str(tmp_path / "cfg.toml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     err: list[str] = []
