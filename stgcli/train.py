@@ -53,6 +53,7 @@ class TrainConfig:
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
     init_from: str = ""             # a model folder whose weights start the run (an earlier leg); "": random
+    train_only: str = ""            # "box_refiner": train that part alone, the rest of init_from's model frozen
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -103,11 +104,23 @@ class TrainConfig:
                  ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
                                                              "blur_prob", "twin_prob", "shared_prob", "short_prob")]
+        rules.append(("train_only", self.train_only in TRAIN_ONLY))
         for name, ok in rules:
             if not ok:
                 extra = f" (max_frames is {self.max_frames})" if name == "min_frames" else ""
+                extra = f"; known: {', '.join(map(repr, TRAIN_ONLY))}" if name == "train_only" else extra
                 raise UserError(f"{where}: {name} = {getattr(self, name)!r} is out of range{extra}")
         _check_model_overrides(self.model, where)
+        if self.train_only and not self.init_from:
+            raise UserError(f"{where}: train_only = {self.train_only!r} trains one part of a trained model; set "
+                            "init_from to that model's folder")
+        if self.train_only == "box_refiner" and self.model.get("box_refiner") is None:
+            raise UserError(f"{where}: train_only = 'box_refiner' needs the part itself: add "
+                            "model.box_refiner = {} (or its settings)")
+
+
+# Parts a leg may train alone (`train_only`); "" trains the whole model.
+TRAIN_ONLY = ("", "box_refiner")
 
 
 def _check_model_overrides(overrides: dict, where) -> None:
@@ -118,6 +131,13 @@ def _check_model_overrides(overrides: dict, where) -> None:
     for key, value in overrides.items():
         if key not in base:
             raise UserError(f"{where}: model.{key} is not a SpaceVLLM config field")
+        if key == "box_refiner":
+            from .models.spacevllm.modeling_spacevllm import BoxRefiner
+
+            unknown = sorted(set(value) - set(BoxRefiner.SETTINGS)) if isinstance(value, dict) else None
+            if unknown is None or unknown:
+                what = f"has no setting {unknown[0]!r}" if unknown else "must be a table"
+                raise UserError(f"{where}: model.box_refiner {what} (settings: {', '.join(BoxRefiner.SETTINGS)})")
         if key in ("vision_config", "text_config"):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: model.{key} must be a table")
@@ -154,7 +174,8 @@ GRID_TENSORS = ("model.vision_tower.embeddings.position_embedding.weight", "spac
 # Optional space-decoder parts a later leg may switch on (`motion_features`, `attr_classes`): the
 # earlier model lacks them, so they start fresh, and the motion path's last layer starts at zero so
 # the new model computes exactly what the earlier one did until training moves it.
-ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.")
+ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.",
+           "space_decoder.refiner.")
 ZERO_START = ("space_decoder.motion_conv.",)
 
 
@@ -193,7 +214,7 @@ def init_weights(model, src: str | Path) -> None:
             continue
         if not name.startswith(ADDABLE):
             raise UserError(f"{src}: init_from model has no weight {name}; init_from needs the same model apart "
-                            "from its input size and the optional motion_features / attr_classes parts")
+                            "from its input size and the optional motion_features / attr_classes / box_refiner parts")
         weights[name] = torch.zeros_like(w) if name.startswith(ZERO_START) else w.clone()
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
@@ -436,6 +457,8 @@ def _load_checkpoint(out_dir: Path, cfg: TrainConfig | None = None):
                         "in another out_dir") from None
     if cfg is not None and isinstance(saved, dict):  # checkpoints from before this check carry no config
         now = json.loads(json.dumps(_fixed_settings(cfg)))  # as JSON has it (tuples -> lists)
+        # an option added since that checkpoint was saved is at its default there
+        saved = {**json.loads(json.dumps(_fixed_settings(TrainConfig()))), **saved}
         changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if changed:
             k = changed[0]
@@ -507,8 +530,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
         if cfg.init_from:
             init_weights(model, cfg.init_from)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    named = list(model.named_parameters())
+    if cfg.train_only:  # the rest of the model stays as init_from made it
+        part = "space_decoder.refiner."
+        for n, p in named:
+            p.requires_grad_(n.startswith(part))
+        named = [(n, p) for n, p in named if n.startswith(part)]
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     if opt_state is not None:
@@ -528,10 +557,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             batch = next(batches)
             for g in opt.param_groups:
                 g["lr"] = _lr_at(cfg, step)
-            out, _, _ = model.ground_forward(**batch)
+            out = _forward(model, cfg, batch, step)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
             # A Ctrl-C inside would leave some weights updated and others not, or a step done but not
             # counted (its checkpoint would then run it twice on resume): it takes effect after.
             with _signals_held():
@@ -552,6 +581,21 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     processor.save_pretrained(final)
     (out_dir / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log))
     return final
+
+
+def _forward(model, cfg: TrainConfig, batch: dict, step: int):
+    """One step's forward and losses. A box_refiner leg needs only the frames and their true boxes
+    (no language model); its rough boxes are drawn from (seed, step), as the batch is, so a resumed
+    run sees exactly what an uninterrupted one would."""
+    import torch
+
+    from .models.spacevllm.modeling_spacevllm import SpaceVLLMOutput
+
+    if cfg.train_only != "box_refiner":
+        return model.ground_forward(**batch)[0]
+    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 1]).integers(2 ** 62)))
+    loss = model.refiner_loss(batch["pixel_values_videos"], batch["gt_boxes"], batch["gt_in_span"], gen)
+    return SpaceVLLMOutput(loss=loss, refine_loss=loss)
 
 
 @contextlib.contextmanager
@@ -592,14 +636,14 @@ def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: flo
                 out_dir: Path) -> tuple[bool, bool]:
     """Log step `step` and checkpoint when due: (a checkpoint was saved, the run stops here)."""
     elapsed = time.time() - t0
-    rec = {"step": step + 1, "loss": round(out.loss.item(), 4), "lm": round(out.lm_loss.item(), 4),
-           "box": round(out.box_loss.item(), 4), "presence": round(out.presence_loss.item(), 4),
-           "elapsed_s": round(elapsed, 1)}
-    if out.point_loss is not None:
-        rec["point"] = round(out.point_loss.item(), 4)
-    if out.attr_loss is not None:
-        rec["attr"] = round(out.attr_loss.item(), 4)
-    bar.set_postfix(loss=rec["loss"], lm=rec["lm"], box=rec["box"], pres=rec["presence"])
+    rec = {"step": step + 1, "loss": round(out.loss.item(), 4)}
+    for key, value in (("lm", out.lm_loss), ("box", out.box_loss), ("presence", out.presence_loss),
+                       ("point", out.point_loss), ("attr", out.attr_loss), ("refine", out.refine_loss)):
+        if value is not None:
+            rec[key] = round(value.item(), 4)
+    rec["elapsed_s"] = round(elapsed, 1)
+    short = {"presence": "pres"}
+    bar.set_postfix({short.get(k, k): v for k, v in rec.items() if k not in ("step", "point", "attr", "elapsed_s")})
     if (step + 1) % cfg.log_every == 0:
         log.append(rec)
     done = step + 1 == _last_step(cfg)

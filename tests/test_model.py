@@ -441,3 +441,92 @@ def test_training_aids_add_their_losses():
     out, _, _ = model.ground_forward(**batch)
     assert out.point_loss is None
     torch.testing.assert_close(out.loss, out.lm_loss + out.box_loss + out.presence_loss)
+
+
+REFINER = {"crop": 16, "channels": [8, 16], "context": 2.0, "min_window": 0.1}
+
+
+def test_box_refiner_looks_through_a_window_around_the_box():
+    """The refiner's window is `context` times the box (at least `min_window`), centred on it, and
+    its crop samples the frame exactly there; its output lies inside that window."""
+    from stgcli.models.spacevllm.modeling_spacevllm import BoxRefiner
+
+    ref = BoxRefiner(REFINER)
+    s = 64
+    ramp = (torch.arange(s, dtype=torch.float32) + 0.5) / s  # each pixel holds its centre's x (ch 0) and y (ch 1)
+    pix = torch.stack([ramp.expand(s, s), ramp[:, None].expand(s, s), torch.zeros(s, s)])[None].repeat(2, 1, 1, 1)
+    boxes = torch.tensor([[0.3, 0.6, 0.1, 0.2], [0.5, 0.5, 0.01, 0.01]])
+    win = ref.windows(boxes)
+    torch.testing.assert_close(win, torch.tensor([[0.3, 0.6, 0.2, 0.4], [0.5, 0.5, 0.1, 0.1]]))
+    crops = ref.crops(pix, win)
+    assert crops.shape == (2, 3, 16, 16)
+    for n in range(2):
+        cx, cy, w, h = win[n].tolist()
+        want_x = cx - w / 2 + (torch.arange(16) + 0.5) * w / 16
+        want_y = cy - h / 2 + (torch.arange(16) + 0.5) * h / 16
+        torch.testing.assert_close(crops[n, 0, 5], want_x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(crops[n, 1, :, 5], want_y, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="unknown setting 'crops'"):
+        BoxRefiner({"crops": 3})
+    torch.manual_seed(0)
+    out = ref(pix, boxes)
+    assert bool((out[:, :2] - win[:, :2]).abs().le(win[:, 2:] / 2).all())
+    assert bool((out[:, 2:] > 0).all() and (out[:, 2:] <= win[:, 2:]).all())
+    with torch.no_grad():  # a head that says "no change": the window's centre, half its size
+        ref.head[-1].weight.zero_()
+        ref.head[-1].bias.zero_()
+    torch.testing.assert_close(ref(pix, boxes), torch.cat([win[:, :2], win[:, 2:] / 2], -1))
+
+
+def test_jittered_boxes_are_rough_but_near_the_true_ones():
+    from stgcli.models.spacevllm.modeling_spacevllm import _cxcywh_to_xyxy, generalized_box_iou_loss, jitter_boxes
+
+    gt = torch.tensor([[0.2, 0.3, 0.3, 0.5], [0.5, 0.5, 0.6, 0.55]]).repeat(500, 1)
+    a = jitter_boxes(gt, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(a, jitter_boxes(gt, torch.Generator().manual_seed(1)))
+    assert not torch.equal(a, jitter_boxes(gt, torch.Generator().manual_seed(2)))
+    giou = 1 - generalized_box_iou_loss(_cxcywh_to_xyxy(a), gt)
+    assert 0.1 < giou.mean().item() < 0.7  # rough
+    centre_in = ((a[:, 0] > gt[:, 0]) & (a[:, 0] < gt[:, 2]) & (a[:, 1] > gt[:, 1]) & (a[:, 1] < gt[:, 3]))
+    assert centre_in.float().mean().item() > 0.6  # mostly on the object
+    ratio = a[:, 2] / (gt[:, 2] - gt[:, 0])
+    assert 0.5 < ratio.median().item() < 2.0 and ratio.std().item() > 0.1
+
+
+def test_box_refiner_in_the_model_refines_inference_boxes_and_trains_beside_the_rest(small, tmp_path):
+    """With `box_refiner`, inference boxes are the refiner's (`steps` passes over the decoder's);
+    training keeps the decoder's boxes for its own loss and adds the refiner's loss; the part is
+    saved and loaded with the model."""
+    cfg = small_cfg(model=dict(SMALL, box_refiner=REFINER))
+    torch.manual_seed(0)
+    model, proc = new_tiny_model(cfg, seed=0)
+    assert model.space_decoder.refiner.steps == 2
+    args, _ = prompt_inputs(proc, step=1)
+    model.eval()
+    with torch.no_grad():
+        refined = model.ground_forward(*args)[0].boxes
+        model.config.box_refiner = None
+        try:
+            rough = model.ground_forward(*args)[0].boxes
+        finally:
+            model.config.box_refiner = REFINER
+        ref = model.space_decoder.refiner
+        want = ref(args[2].flatten(0, 1), ref(args[2].flatten(0, 1), rough[0]))
+    torch.testing.assert_close(refined[0], want)
+    assert not torch.allclose(refined, rough)
+
+    model.train()
+    batch = make_batch(cfg, proc, step=0)
+    out, _, _ = model.ground_forward(**batch)
+    torch.testing.assert_close(out.loss, out.lm_loss + out.box_loss + out.presence_loss + out.refine_loss)
+    assert 0 < out.refine_loss.item() < 5 * 2 + 2 * 2  # L1 on [0, 1] coordinates x5 + (1 - GIoU) x2
+    out.loss.backward()
+    assert model.space_decoder.refiner.features[0].weight.grad.abs().sum() > 0
+    model.zero_grad()
+
+    model.eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    back = SpaceVLLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert back.config.box_refiner == REFINER
+    with torch.no_grad():
+        torch.testing.assert_close(back.ground_forward(*args)[0].boxes, refined)

@@ -82,6 +82,11 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert json.loads((tmp_path / "c" / "checkpoint" / "trainer_state.json").read_text())["step"] == 2
     with pytest.raises(UserError, match="at step 2 already, and the config ends it at step 2"):
         train(cut, resume=True, progress=False)
+    # a checkpoint saved before an option existed resumes: the option was at its default then
+    state_file = tmp_path / "c" / "checkpoint" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["config"]["train_only"]
+    state_file.write_text(json.dumps(state))
     train(small_cfg(out_dir=str(tmp_path / "c"), steps=4), resume=True, progress=False)
     wc = load_file(tmp_path / "c" / "model" / "model.safetensors")
     for k in wa:
@@ -214,6 +219,11 @@ def test_config_errors(tmp_path):
     ("[train]\nseed = 1\n[model]\nfoo = 1\n", "model outside [train]"),
     ("[train]\nmodel = {decoder_layer = 3}\n", "model.decoder_layer is not a SpaceVLLM config field"),
     ("[train]\nmodel = {text_config = {hiden_size = 8}}\n", "model.text_config.hiden_size"),
+    ("[train]\ntrain_only = \"decoder\"\n", "train_only = 'decoder' is out of range; known: '', 'box_refiner'"),
+    ("[train]\ntrain_only = \"box_refiner\"\nmodel = {box_refiner = {}}\n", "set init_from to that model's folder"),
+    ("[train]\ntrain_only = \"box_refiner\"\ninit_from = \"m\"\n", "needs the part itself: add model.box_refiner"),
+    ("[train]\nmodel = {box_refiner = {crops = 3}}\n", "model.box_refiner has no setting 'crops'"),
+    ("[train]\nmodel = {box_refiner = 3}\n", "model.box_refiner must be a table"),
 ])
 def test_config_values_are_checked(tmp_path, text, needle):
     p = tmp_path / "c.toml"
@@ -435,6 +445,35 @@ def test_init_from_may_switch_on_motion_features_and_starts_where_the_earlier_mo
     deeper = dict(SMALL, decoder_layers=2)
     with pytest.raises(UserError, match="has no weight space_decoder.query_layers.1"):
         init_weights(new_tiny_model(small_cfg(model=deeper), 0)[0], src)
+
+
+def test_a_box_refiner_leg_trains_the_refiner_alone(tmp_path):
+    """train_only = "box_refiner": a leg on top of a trained model adds the refiner and trains it
+    alone on rough boxes drawn around the true ones; the rest of the model stays exactly as it was,
+    the refiner's loss falls, and a stopped and resumed leg ends on the uninterrupted one's weights
+    (the rough boxes are a function of (seed, step), as the batches are)."""
+    from tests.test_model import REFINER, SMALL
+
+    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
+    src = tmp_path / "leg1" / "model"
+    leg = dict(init_from=str(src), train_only="box_refiner", model=dict(SMALL, box_refiner=REFINER), steps=40,
+               lr=3e-3, warmup_steps=2, batch_size=4, checkpoint_every=100)
+    out = train(small_cfg(out_dir=str(tmp_path / "a"), **leg), progress=False)
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    new = sorted(set(after) - set(before))
+    assert new and all(k.startswith("space_decoder.refiner.") for k in new)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41)) and "lm" not in log[0]
+    first, last = (np.mean([r["refine"] for r in log[a:b]]) for a, b in ((0, 5), (-5, None)))
+    assert last < 0.8 * first
+
+    train(small_cfg(out_dir=str(tmp_path / "b"), stop_step=20, **leg), progress=False)
+    out_b = train(small_cfg(out_dir=str(tmp_path / "b"), **leg), resume=True, progress=False)
+    resumed = load_file(out_b / "model.safetensors")
+    for k in after:
+        torch.testing.assert_close(resumed[k], after[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _toml(value) -> str:

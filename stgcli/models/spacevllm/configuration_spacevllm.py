@@ -40,6 +40,10 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         (class counts including "none", e.g. [5, 4, 6] for the shapes world's colour, shape and
         motion), with cross-entropy weighted by attr_weight. It teaches the small vision tower what
         the sentence can name. Training only; None / 0: off.
+    box_refiner: a second look at the pixels around each box (modeling's BoxRefiner): None, off, or a
+        dict of its settings (`crop`, `context`, `min_window`, `steps`, `channels`, `jitters`; {} takes
+        the defaults). The space decoder points at patches, which boxes small objects only roughly; the
+        refiner fits the box to the object in a crop of the frame at the model's input size.
     """
 
     model_type = "spacevllm"
@@ -64,6 +68,7 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     motion_features: bool = False
     attr_classes: list | None = None
     attr_weight: float = 0.0
+    box_refiner: dict | None = None
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,
