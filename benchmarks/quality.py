@@ -71,7 +71,7 @@ def main() -> None:
         path = clip_dir / row["video"]
         t_clip = time.perf_counter()
         prep = prepare(model, path, row["query"], args.frames)  # = ground(), kept apart to see boxes
-        text, boxes, presence, _ = run_model(model, prep)
+        text, boxes, presence, _ = run_model(model, prep, all_boxes=True)  # every box: the diagnostics below score them all
         res = finish(model, prep, path, text, boxes, presence, {}, [])
         elapsed += time.perf_counter() - t_clip
         gt_boxes = {int(k): v for k, v in row["boxes"].items()}

@@ -53,7 +53,7 @@ def main() -> None:
         if clip.query != row["query"]:
             sys.exit(f"{folder}: clip {i} is not what seed {args.seed} draws; pass the seed spec_clips.py was given")
         prep = prepare(model, folder / row["video"], row["query"], None)
-        _, boxes, _, _ = run_model(model, prep)
+        _, boxes, _, _ = run_model(model, prep, all_boxes=True)
         for f, box, iou in true_span_boxes(model, prep, boxes, row):
             where = "target" if iou >= MISS_IOU else landed_on(clip, f / clip.fps,
                                                            ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2))

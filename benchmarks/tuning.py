@@ -2,6 +2,7 @@
 
     stg synth /tmp/tune4242 --n 80 --seed 4242
     python benchmarks/tuning.py /tmp/tune4242 [--model DIR] [--bias 0 0.5 1.0] [--span-decoding joint|text]
+                                              [--refine-steps N]
 
 How `presence_bias` (the model config's inference-time shift of the presence logits) is chosen
 for a model before it ships: on clips other than the quality benchmark's. Each clip is decoded
@@ -10,7 +11,8 @@ inside the true span (the boxes alone, whatever span was chosen), with the share
 miss (IoU < 0.1) and that hit well (IoU > 0.5). Then, once (the boxes do not depend on the bias),
 the same box figures per query form and with / without a twin, with the mean IoU of the boxes
 that do not miss: a model can point more precisely yet at the wrong object more often.
-Nothing is written.
+`--refine-steps` sets how many passes a model's box refiner makes (its config's `box_refiner.steps`;
+0: the space decoder's boxes as they are). Nothing is written.
 """
 from __future__ import annotations
 
@@ -32,15 +34,20 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="model name or directory (default: the built-in model)")
     ap.add_argument("--bias", type=float, nargs="+", default=None, help="presence biases (default: the model's)")
     ap.add_argument("--span-decoding", default="joint", choices=["joint", "text"])
+    ap.add_argument("--refine-steps", type=int, default=None, help="box refiner passes (default: the model's)")
     args = ap.parse_args()
     rows = [json.loads(x) for x in (args.clips / "manifest.jsonl").read_text().splitlines()]
     m = load_model(args.model, device="cpu", span_decoding=args.span_decoding)
+    if args.refine_steps is not None:
+        if m.model.config.box_refiner is None:
+            ap.error(f"{m.name} has no box refiner")
+        m.model.space_decoder.refiner.steps = args.refine_steps
     preps = [prepare(m, args.clips / r["video"], r["query"]) for r in rows]
     for bias in args.bias or [m.model.config.presence_bias]:
         m.model.config.presence_bias = bias
         scores, clip_ious = [], []
         for r, prep in zip(rows, preps):
-            text, boxes, presence, _ = run_model(m, prep)
+            text, boxes, presence, _ = run_model(m, prep, all_boxes=True)
             res = finish(m, prep, args.clips / r["video"], text, boxes, presence, {}, [])
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
             clip_ious.append(true_span_box_ious(m, prep, boxes, r))

@@ -119,8 +119,12 @@ def check_span_decoding(span_decoding: str) -> str:
     return span_decoding
 
 
-def run_model(loaded, prep: dict):
+def run_model(loaded, prep: dict, all_boxes: bool = False):
     """Model half: one forward + the answer. Returns answer text, boxes, scores, seconds.
+
+    A model with a box refiner refines the boxes of the sampled frames inside the answer's span only
+    (the others are never shown); `all_boxes` refines every frame's (diagnostics that score boxes on
+    the true span's frames).
 
     The answer is decoded as `loaded.span_decoding` says: "joint" (default) writes the answer the
     language model and the per-frame presence scores agree on best, among answers whose edges are
@@ -141,11 +145,27 @@ def run_model(loaded, prep: dict):
         def joint(presence):
             return loaded.processor.span_candidates(prep["sampled"].times_s, presence)
 
+        def in_span(tokens):
+            frames = answer_frames(loaded, prep, loaded.processor.decode(tokens))
+            return [frames is not None and frames[0] <= f <= frames[1] for f in prep["sampled"].indices]
+
         candidates = joint if loaded.span_decoding == "joint" else None
         tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24,
-                                                      answer_candidates=candidates)
+                                                      answer_candidates=candidates,
+                                                      box_frames=None if all_boxes else in_span)
     text = loaded.processor.decode(tokens)
     return text, boxes.float().cpu().numpy(), presence.float().cpu().numpy(), time.perf_counter() - t0
+
+
+def answer_frames(loaded, prep: dict, text: str) -> tuple[int, int] | None:
+    """The span the answer text names, as (first, last) video frame; None when it names none."""
+    sampled = prep["sampled"]
+    duration = sampled.info.duration_s
+    parsed = loaded.processor.parse_answer(text, duration)
+    if parsed is None:
+        return None
+    lo, hi = loaded.processor.snap_answer(parsed[0], parsed[1], sampled.times_s, duration)
+    return _span_frames(lo, hi, sampled)
 
 
 def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.ndarray, scores: np.ndarray,
@@ -154,12 +174,10 @@ def finish(loaded, prep: dict, video: str | os.PathLike, text: str, boxes: np.nd
     sampled = prep["sampled"]
     info = sampled.info
     times = sampled.times_s
-    duration = info.duration_s
     span = track = None
-    parsed = loaded.processor.parse_answer(text, duration)
-    if parsed is not None:
-        lo, hi = loaded.processor.snap_answer(parsed[0], parsed[1], times, duration)
-        a, b = _span_frames(lo, hi, sampled)
+    frames = answer_frames(loaded, prep, text)
+    if frames is not None:
+        a, b = frames
         px = loaded.processor.boxes_to_pixels(boxes, info.width, info.height)
         inside = [(int(f), float(t), px[i].tolist(), float(scores[i]))
                   for i, (f, t) in enumerate(zip(sampled.indices, times)) if a <= f <= b]

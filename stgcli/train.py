@@ -53,7 +53,7 @@ class TrainConfig:
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
     init_from: str = ""             # a model folder whose weights start the run (an earlier leg); "": random
-    train_only: str = ""            # "box_refiner": train that part alone, the rest of init_from's model frozen
+    train_only: str = ""            # "box_refiner" / "temporal_presence": train that part alone, the rest frozen
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -114,13 +114,21 @@ class TrainConfig:
         if self.train_only and not self.init_from:
             raise UserError(f"{where}: train_only = {self.train_only!r} trains one part of a trained model; set "
                             "init_from to that model's folder")
-        if self.train_only == "box_refiner" and self.model.get("box_refiner") is None:
-            raise UserError(f"{where}: train_only = 'box_refiner' needs the part itself: add "
-                            "model.box_refiner = {} (or its settings)")
+        if self.train_only and self.model.get(self.train_only) is None:
+            raise UserError(f"{where}: train_only = {self.train_only!r} needs the part itself: add "
+                            f"model.{self.train_only} = {{}} (or its settings)")
 
 
-# Parts a leg may train alone (`train_only`); "" trains the whole model.
-TRAIN_ONLY = ("", "box_refiner")
+# Parts a leg may train alone (`train_only`), by the config field that adds them, with their weights'
+# prefix; "" trains the whole model.
+PARTS = {"box_refiner": "space_decoder.refiner.", "temporal_presence": "space_decoder.temporal."}
+TRAIN_ONLY = ("", *PARTS)
+
+
+def _part_class(field: str):
+    from .models.spacevllm.modeling_spacevllm import BoxRefiner, TemporalPresence
+
+    return {"box_refiner": BoxRefiner, "temporal_presence": TemporalPresence}[field]
 
 
 def _check_model_overrides(overrides: dict, where) -> None:
@@ -131,13 +139,12 @@ def _check_model_overrides(overrides: dict, where) -> None:
     for key, value in overrides.items():
         if key not in base:
             raise UserError(f"{where}: model.{key} is not a SpaceVLLM config field")
-        if key == "box_refiner":
-            from .models.spacevllm.modeling_spacevllm import BoxRefiner
-
-            unknown = sorted(set(value) - set(BoxRefiner.SETTINGS)) if isinstance(value, dict) else None
+        if key in PARTS:
+            known = _part_class(key).SETTINGS
+            unknown = sorted(set(value) - set(known)) if isinstance(value, dict) else None
             if unknown is None or unknown:
                 what = f"has no setting {unknown[0]!r}" if unknown else "must be a table"
-                raise UserError(f"{where}: model.box_refiner {what} (settings: {', '.join(BoxRefiner.SETTINGS)})")
+                raise UserError(f"{where}: model.{key} {what} (settings: {', '.join(known)})")
         if key in ("vision_config", "text_config"):
             if not isinstance(value, dict):
                 raise UserError(f"{where}: model.{key} must be a table")
@@ -175,8 +182,8 @@ GRID_TENSORS = ("model.vision_tower.embeddings.position_embedding.weight", "spac
 # earlier model lacks them, so they start fresh, and the motion path's last layer starts at zero so
 # the new model computes exactly what the earlier one did until training moves it.
 ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.",
-           "space_decoder.refiner.")
-ZERO_START = ("space_decoder.motion_conv.",)
+           "space_decoder.refiner.", "space_decoder.temporal.")
+ZERO_START = ("space_decoder.motion_conv.", "space_decoder.temporal.out.")
 
 
 def init_weights(model, src: str | Path) -> None:
@@ -214,7 +221,8 @@ def init_weights(model, src: str | Path) -> None:
             continue
         if not name.startswith(ADDABLE):
             raise UserError(f"{src}: init_from model has no weight {name}; init_from needs the same model apart "
-                            "from its input size and the optional motion_features / attr_classes / box_refiner parts")
+                            "from its input size and the optional motion_features / attr_classes / box_refiner / "
+                            "temporal_presence parts")
         weights[name] = torch.zeros_like(w) if name.startswith(ZERO_START) else w.clone()
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
@@ -532,7 +540,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     model.train()
     named = list(model.named_parameters())
     if cfg.train_only:  # the rest of the model stays as init_from made it
-        part = "space_decoder.refiner."
+        part = PARTS[cfg.train_only]
         for n, p in named:
             p.requires_grad_(n.startswith(part))
         named = [(n, p) for n, p in named if n.startswith(part)]
@@ -591,6 +599,9 @@ def _forward(model, cfg: TrainConfig, batch: dict, step: int):
 
     from .models.spacevllm.modeling_spacevllm import SpaceVLLMOutput
 
+    if cfg.train_only == "temporal_presence":
+        out = model.ground_forward(**batch, box_losses=False)[0]
+        return SpaceVLLMOutput(loss=out.presence_loss, presence_loss=out.presence_loss)
     if cfg.train_only != "box_refiner":
         return model.ground_forward(**batch)[0]
     gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 1]).integers(2 ** 62)))

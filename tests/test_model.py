@@ -494,9 +494,9 @@ def test_jittered_boxes_are_rough_but_near_the_true_ones():
 
 
 def test_box_refiner_in_the_model_refines_inference_boxes_and_trains_beside_the_rest(small, tmp_path):
-    """With `box_refiner`, inference boxes are the refiner's (`steps` passes over the decoder's);
-    training keeps the decoder's boxes for its own loss and adds the refiner's loss; the part is
-    saved and loaded with the model."""
+    """With `box_refiner`, `ground` returns the refiner's boxes (`steps` passes over the decoder's),
+    for the frames `box_frames` marks (all without it); training keeps the decoder's boxes for its
+    own loss and adds the refiner's loss; the part is saved and loaded with the model."""
     cfg = small_cfg(model=dict(SMALL, box_refiner=REFINER))
     torch.manual_seed(0)
     model, proc = new_tiny_model(cfg, seed=0)
@@ -504,16 +504,22 @@ def test_box_refiner_in_the_model_refines_inference_boxes_and_trains_beside_the_
     args, _ = prompt_inputs(proc, step=1)
     model.eval()
     with torch.no_grad():
-        refined = model.ground_forward(*args)[0].boxes
-        model.config.box_refiner = None
-        try:
-            rough = model.ground_forward(*args)[0].boxes
-        finally:
-            model.config.box_refiner = REFINER
+        tokens, refined, _ = model.ground(*args, max_new_tokens=5)
+        rough = model.ground_forward(*args)[0].boxes[0]
         ref = model.space_decoder.refiner
-        want = ref(args[2].flatten(0, 1), ref(args[2].flatten(0, 1), rough[0]))
-    torch.testing.assert_close(refined[0], want)
+        want = ref(args[2][0], ref(args[2][0], rough))
+        seen = []
+
+        def two_frames(answer):
+            seen.append(answer)
+            return [i in (0, 2) for i in range(len(rough))]
+
+        tokens2, some, _ = model.ground(*args, max_new_tokens=5, box_frames=two_frames)
+    torch.testing.assert_close(refined, want)
     assert not torch.allclose(refined, rough)
+    assert seen == [tokens] and tokens2 == tokens  # told the answer; the answer does not depend on it
+    torch.testing.assert_close(some[[0, 2]], want[[0, 2]])
+    torch.testing.assert_close(some[[1, 3, 4, 5]], rough[[1, 3, 4, 5]])
 
     model.train()
     batch = make_batch(cfg, proc, step=0)
@@ -529,4 +535,37 @@ def test_box_refiner_in_the_model_refines_inference_boxes_and_trains_beside_the_
     back = SpaceVLLMForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert back.config.box_refiner == REFINER
     with torch.no_grad():
-        torch.testing.assert_close(back.ground_forward(*args)[0].boxes, refined)
+        torch.testing.assert_close(back.ground(*args, max_new_tokens=5)[1], refined)
+
+
+def test_temporal_presence_starts_as_the_model_it_is_added_to_and_sees_the_whole_clip(small, tmp_path):
+    """`temporal_presence` corrects each frame's presence logit from all frames (bidirectional).
+    Added to a trained model (init_from), its output layer starts at zero, so it changes nothing;
+    once it is not zero, a change in the last frame moves the first frame's presence (the query
+    tokens alone are causal)."""
+    from stgcli.models.spacevllm.modeling_spacevllm import TemporalPresence
+    from stgcli.train import init_weights
+
+    base, proc = small
+    base.save_pretrained(tmp_path, safe_serialization=True)
+    cfg = small_cfg(model=dict(SMALL, temporal_presence={"layers": 1, "heads": 2}))
+    model, _ = new_tiny_model(cfg, seed=1)
+    init_weights(model, tmp_path)
+    model.eval(), base.eval()
+    args, _ = prompt_inputs(proc, step=1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.ground_forward(*args)[0].presence_logits,
+                                   base.ground_forward(*args)[0].presence_logits)
+    tp = model.space_decoder.temporal
+    torch.nn.init.normal_(tp.out.weight)
+    b, f, d_llm, d = 1, 6, 32, 32
+    query_h, q = torch.randn(b, f, d_llm), torch.randn(b, f, d)
+    match, presence = torch.randn(b, f), torch.randn(b, f)
+    with torch.no_grad():
+        a = tp(query_h, q, match, presence)
+        q2 = q.clone()
+        q2[0, -1] += 3.0
+        c = tp(query_h, q2, match, presence)
+    assert a.shape == (b, f) and abs(a[0, 0] - c[0, 0]).item() > 1e-4
+    with pytest.raises(ValueError, match="unknown setting 'layer'"):
+        TemporalPresence(8, 8, {"layer": 1})

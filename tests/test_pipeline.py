@@ -123,8 +123,33 @@ def test_span_decoding_joint_and_text(model):
         tokens, _, _ = model.model.ground(ids_t, torch.ones_like(ids_t), torch.from_numpy(prep["pixels"])[None],
                                           torch.tensor([prep["text_mask"]]), max_new_tokens=24)
     assert free == model.processor.decode(tokens)
-    np.testing.assert_array_equal(boxes2, boxes)  # the decoding changes the answer only
+    # the decoding changes the answer only (and so which boxes the refiner refines)
+    np.testing.assert_array_equal(run_model(text_model, prep, all_boxes=True)[1], run_model(joint, prep, all_boxes=True)[1])
     assert finish(text_model, prep, EXAMPLE, free, boxes2, presence2, {}, []).to_dict()["span_decoding"] == "text"
+
+
+def test_the_box_refiner_refines_the_boxes_inside_the_answers_span(model):
+    """The built-in model has a box refiner. By default it refines the boxes of the sampled frames
+    inside the answer's span only (the rest are never shown), as `all_boxes` would refine them; the
+    rest stay the space decoder's."""
+    import torch
+
+    from stgcli.pipeline import answer_frames, run_model
+
+    assert model.model.config.box_refiner is not None
+    prep = prepare(model, EXAMPLE, "the red circle moving left", frames=16)
+    text, boxes, _, _ = run_model(model, prep)
+    _, every, _, _ = run_model(model, prep, all_boxes=True)
+    with torch.inference_mode():
+        rough = model.model.ground_forward(torch.tensor([prep["ids"]]), torch.ones(1, len(prep["ids"]), dtype=torch.long),
+                                           torch.from_numpy(prep["pixels"])[None],
+                                           torch.tensor([prep["text_mask"]]))[0].boxes[0].numpy()
+    a, b = answer_frames(model, prep, text)
+    inside = np.array([a <= f <= b for f in prep["sampled"].indices])
+    assert 0 < inside.sum() < len(inside)
+    np.testing.assert_allclose(boxes[inside], every[inside], atol=1e-6)
+    np.testing.assert_array_equal(boxes[~inside], rough[~inside])
+    assert np.abs(every[~inside] - rough[~inside]).max() > 1e-3  # refined, those would differ
 
 
 def test_unknown_span_decoding_is_a_user_error():

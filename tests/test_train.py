@@ -219,7 +219,7 @@ def test_config_errors(tmp_path):
     ("[train]\nseed = 1\n[model]\nfoo = 1\n", "model outside [train]"),
     ("[train]\nmodel = {decoder_layer = 3}\n", "model.decoder_layer is not a SpaceVLLM config field"),
     ("[train]\nmodel = {text_config = {hiden_size = 8}}\n", "model.text_config.hiden_size"),
-    ("[train]\ntrain_only = \"decoder\"\n", "train_only = 'decoder' is out of range; known: '', 'box_refiner'"),
+    ("[train]\ntrain_only = \"decoder\"\n", "train_only = 'decoder' is out of range; known: '', 'box_refiner', 'temporal_presence'"),
     ("[train]\ntrain_only = \"box_refiner\"\nmodel = {box_refiner = {}}\n", "set init_from to that model's folder"),
     ("[train]\ntrain_only = \"box_refiner\"\ninit_from = \"m\"\n", "needs the part itself: add model.box_refiner"),
     ("[train]\nmodel = {box_refiner = {crops = 3}}\n", "model.box_refiner has no setting 'crops'"),
@@ -476,6 +476,24 @@ def test_a_box_refiner_leg_trains_the_refiner_alone(tmp_path):
         torch.testing.assert_close(resumed[k], after[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_a_temporal_presence_leg_trains_that_part_alone(tmp_path):
+    """train_only = "temporal_presence": the frozen model runs forward, the part learns from the
+    presence loss alone; every other weight stays as it was, and the log holds that loss only."""
+    from tests.test_model import SMALL
+
+    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
+    src = tmp_path / "leg1" / "model"
+    out = train(small_cfg(out_dir=str(tmp_path / "a"), init_from=str(src), train_only="temporal_presence",
+                          model=dict(SMALL, temporal_presence={"layers": 1, "heads": 2}), steps=6, lr=3e-3),
+                progress=False)
+    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    assert after["space_decoder.temporal.out.weight"].abs().sum() > 0  # started at zero, trained
+    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
+    assert set(log[0]) == {"step", "loss", "presence", "elapsed_s"} and log[0]["loss"] == log[0]["presence"]
+
+
 def _toml(value) -> str:
     if isinstance(value, dict):
         return "{ " + ", ".join(f"{k} = {_toml(v)}" for k, v in value.items()) + " }"
@@ -523,12 +541,14 @@ def test_every_committed_training_config_loads():
         assert cfg.steps > 0 and cfg.out_dir.startswith("runs/"), path.name
         new_tiny_model(cfg, 0)  # every model override builds
     built_in = load_model(None, device="cpu").model.config
-    # the built-in model is train-tiny.toml, then train-tiny-motion.toml on top of its model
-    first = TrainConfig.from_toml(examples[0].parent / "train-tiny.toml")
-    last = TrainConfig.from_toml(examples[0].parent / "train-tiny-motion.toml")
-    assert last.init_from == first.out_dir + "/model"
+    # the built-in model is train-tiny.toml, then train-tiny-motion.toml and train-tiny-refine.toml, each
+    # on top of the one before
+    legs = [TrainConfig.from_toml(examples[0].parent / f"train-tiny{n}.toml") for n in ("", "-motion", "-refine")]
+    for before, leg in zip(legs, legs[1:]):
+        assert leg.init_from == before.out_dir + "/model"
+    last = legs[-1]
     made = new_tiny_model(last, 0)[0].config
-    for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers"):
+    for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers", "box_refiner"):
         assert getattr(made, field) == getattr(built_in, field), field
     assert made.vision_config.image_size == built_in.vision_config.image_size
     assert made.text_config.hidden_size == built_in.text_config.hidden_size

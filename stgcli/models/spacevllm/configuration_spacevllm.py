@@ -44,6 +44,9 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         dict of its settings (`crop`, `context`, `min_window`, `steps`, `channels`, `jitters`; {} takes
         the defaults). The space decoder points at patches, which boxes small objects only roughly; the
         refiner fits the box to the object in a crop of the frame at the model's input size.
+    temporal_presence: a small bidirectional transformer over the frames that corrects each frame's
+        presence logit with the whole clip in view (modeling's TemporalPresence): None, off, or a dict
+        of its settings (`layers`, `heads`; {} takes the defaults).
     """
 
     model_type = "spacevllm"
@@ -69,6 +72,7 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     attr_classes: list | None = None
     attr_weight: float = 0.0
     box_refiner: dict | None = None
+    temporal_presence: dict | None = None
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,

@@ -106,13 +106,16 @@ class SpaceDecoder(nn.Module):
             self.attr_head = nn.Linear(d, sum(config.attr_classes))
         if config.box_refiner is not None:
             self.refiner = BoxRefiner(config.box_refiner)
+        if config.temporal_presence is not None:
+            self.temporal = TemporalPresence(d_llm, d, config.temporal_presence)
 
     def forward(self, query_h: torch.Tensor, visual: torch.Tensor, text_h: torch.Tensor,
                 text_pad_mask: torch.Tensor | None, change: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """query_h (N, D), visual (N, P, D), text_h (N, L, D), change (N, P, D) (next minus previous
         frame's patches; with `motion_features`) -> boxes (N, 4) normalised cxcywh, presence logits
-        (N,), pointing logits over the patch grid (N, P), patch features before the sentence (N, P, d)."""
+        (N,), pointing logits over the patch grid (N, P), patch features before the sentence (N, P, d),
+        the decoder's query state (N, d)."""
         v = self.visual_proj(visual) + self.pos_embed.to(visual.dtype)
         if change is not None:
             m = F.gelu(self.motion_in(torch.cat([change, visual], -1)))
@@ -136,7 +139,44 @@ class SpaceDecoder(nn.Module):
         wh = out[:, 2:].sigmoid()
         presence = self.presence_head(query_h).squeeze(-1) + self.match_scale(
             logits.max(-1, keepdim=True).values).squeeze(-1)
-        return torch.cat([cxcy, wh], -1), presence, logits, patch_features
+        return torch.cat([cxcy, wh], -1), presence, logits, patch_features, q
+
+
+class TemporalPresence(nn.Module):
+    """Presence with the whole clip in view (config `temporal_presence`, an addition to the paper's
+    model): the query tokens attend causally, so frame i's presence score sees frames 0..i only,
+    and which of two look-alikes the sentence means, or whether the target has left, is often clear
+    only from later frames. A small bidirectional transformer over the frames reads each frame's
+    query state, the decoder's query state, its best patch match and its presence logit, and adds a
+    correction to that logit. Added to a trained model (`stg train`'s init_from), its output layer
+    starts at zero, so it changes nothing until trained."""
+
+    SETTINGS = ("layers", "heads")
+    N_FREQ = 8  # sin / cos of the frame's relative position at 8 frequencies
+
+    def __init__(self, d_llm: int, d: int, spec: dict):
+        super().__init__()
+        unknown = sorted(set(spec) - set(self.SETTINGS))
+        if unknown:
+            raise ValueError(f"temporal_presence: unknown setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
+        self.inp = nn.Sequential(nn.LayerNorm(d_llm + d + 2 + 2 * self.N_FREQ), nn.Linear(d_llm + d + 2 + 2 * self.N_FREQ, d))
+        self.layers = nn.ModuleList([
+            nn.TransformerEncoderLayer(d, int(spec.get("heads", 4)), 4 * d, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(int(spec.get("layers", 2)))])
+        self.out = nn.Linear(d, 1)
+
+    def forward(self, query_h: torch.Tensor, q: torch.Tensor, match: torch.Tensor, presence: torch.Tensor
+                ) -> torch.Tensor:
+        """(B, F, D), (B, F, d), (B, F), (B, F) -> corrected presence logits (B, F)."""
+        b, f = presence.shape
+        rel = torch.linspace(0, 1, f, device=presence.device, dtype=q.dtype)
+        freq = torch.arange(1, self.N_FREQ + 1, device=presence.device, dtype=q.dtype) * math.pi
+        pos = torch.cat([torch.sin(rel[:, None] * freq), torch.cos(rel[:, None] * freq)], -1).expand(b, f, -1)
+        x = self.inp(torch.cat([query_h.to(q.dtype), q, match[..., None].to(q.dtype),
+                                presence[..., None].to(q.dtype), pos], -1))
+        for layer in self.layers:
+            x = layer(x)
+        return presence + self.out(x).squeeze(-1).to(presence.dtype)
 
 
 class BoxRefiner(nn.Module):
@@ -312,13 +352,14 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                        pixel_values_videos: torch.Tensor, text_mask: torch.Tensor,
                        labels: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None,
                        gt_in_span: torch.Tensor | None = None, decode_mask: torch.Tensor | None = None,
-                       patch_labels: torch.Tensor | None = None, use_cache: bool = False):
+                       patch_labels: torch.Tensor | None = None, use_cache: bool = False, box_losses: bool = True):
         """One pass over prompt (+ answer when training).
 
         input_ids/attention_mask (B, L); pixel_values_videos (B, F, 3, S, S); text_mask (B, L) marks the
         sentence's tokens; labels (B, L) with -100 outside the answer; gt_boxes (B, F, 4) normalised
         xyxy; gt_in_span (B, F) bool; decode_mask (B, F) bool: in-span frames that carry a box loss
-        (default all); patch_labels (B, F, P, A) attribute classes per patch (`attr_classes`).
+        (default all); patch_labels (B, F, P, A) attribute classes per patch (`attr_classes`);
+        box_losses=False leaves out the box and refiner losses (a leg that trains presence alone).
         Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh and presence logits
         (B, F), past_key_values or None, last hidden states).
         """
@@ -333,11 +374,12 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         query_h = hidden[qmask].view(b, f, -1)
         text_h, text_pad = self._sentence_states(hidden, text_mask)
         change = _temporal_change(patches).flatten(0, 1) if self.config.motion_features else None
-        boxes, presence, point_logits, patch_feats = self.space_decoder(
+        boxes, presence, point_logits, patch_feats, dec_q = self.space_decoder(
             query_h.reshape(b * f, -1), patches.flatten(0, 1), text_h.repeat_interleave(f, 0),
             text_pad.repeat_interleave(f, 0), change)
-        if labels is None and self.config.box_refiner is not None:
-            boxes = self.space_decoder.refiner.refine(pixel_values_videos.flatten(0, 1), boxes)
+        if self.config.temporal_presence is not None:
+            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), point_logits.max(-1).values.view(b, f),
+                                                   presence.view(b, f))
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
@@ -351,7 +393,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             logits = self.lm_head(hidden[:, :-1][sel])
             lm_loss = F.cross_entropy(logits.float(), shift_labels[sel])
             pres_loss = F.binary_cross_entropy_with_logits(presence.float(), gt_in_span.float())
-            box_sel = gt_in_span & decode_mask
+            box_sel = gt_in_span & decode_mask & box_losses
             if box_sel.any():
                 pb = _cxcywh_to_xyxy(boxes[box_sel].float())
                 gb = gt_boxes[box_sel].float()
@@ -369,7 +411,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             if self.config.attr_weight and patch_labels is not None:
                 result.attr_loss = self._attr_loss(patch_feats, patch_labels.flatten(0, 1))
                 result.loss = result.loss + self.config.attr_weight * result.attr_loss
-            if self.config.box_refiner is not None and gt_in_span.any():
+            if self.config.box_refiner is not None and box_losses and gt_in_span.any():
                 result.refine_loss = self.refiner_loss(pixel_values_videos, gt_boxes, gt_in_span)
                 result.loss = result.loss + result.refine_loss
             if mid:
@@ -425,11 +467,13 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     @torch.no_grad()
     def ground(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values_videos: torch.Tensor,
                text_mask: torch.Tensor, max_new_tokens: int = 16, eos_token_id: int | None = None,
-               answer_candidates=None):
+               answer_candidates=None, box_frames=None):
         """Inference for one clip (batch 1): answer tokens + per-frame boxes and presence.
 
         The boxes for all sampled frames come from the same prefill; the pipeline keeps those inside
-        the span the answer names.
+        the span the answer names. With a box refiner, the boxes it refines are those of the frames
+        `box_frames` (a callable: answer tokens -> (F,) bools) marks, all without it: the refiner is a
+        fifth of a clip's compute on a CPU, and a box outside the span is never shown.
 
         Without `answer_candidates` the answer is free greedy text. Greedy decoding is written out
         (a dozen steps) because the prefill's hidden states are needed for the decoder and
@@ -443,14 +487,29 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
         presence = torch.sigmoid(res.presence_logits[0] + self.config.presence_bias)
+        tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
+                              answer_candidates)
+        boxes = res.boxes[0]
+        if self.config.box_refiner is not None:
+            keep = torch.ones(len(boxes), dtype=torch.bool) if box_frames is None else torch.as_tensor(
+                box_frames(tokens), dtype=torch.bool)
+            if bool(keep.any()):
+                keep = keep.to(boxes.device)
+                boxes = boxes.clone()
+                boxes[keep] = self.space_decoder.refiner.refine(pixel_values_videos[0][keep], boxes[keep])
+        return tokens, boxes, presence
+
+    def _answer(self, res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
+                answer_candidates) -> list[int]:
+        """The answer's tokens (see `ground`)."""
         if answer_candidates is not None:
             candidates, prior = answer_candidates(presence.float().cpu())
             if candidates == [[]]:  # absent: the empty answer, no language model needed
-                return [], res.boxes[0], presence
+                return []
             if candidates:
                 lm = self.answer_log_likelihood(past, attention_mask, hidden[:, -1], candidates)
                 best = int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())
-                return list(candidates[best]), res.boxes[0], presence
+                return list(candidates[best])
         eos = eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id
         next_tok = self.lm_head(hidden[:, -1]).argmax(-1)
         tokens = []
@@ -464,7 +523,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                                              use_cache=True, **{_CACHE: past})
             past = _cache_of(step)
             next_tok = self.lm_head(step.last_hidden_state[:, -1]).argmax(-1)
-        return tokens, res.boxes[0], presence
+        return tokens
 
     @torch.no_grad()
     def answer_log_likelihood(self, past, attention_mask: torch.Tensor, last_hidden: torch.Tensor,
