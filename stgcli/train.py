@@ -178,11 +178,11 @@ def new_tiny_model(cfg: TrainConfig, seed: int):
 GRID_TENSORS = ("model.vision_tower.embeddings.position_embedding.weight", "space_decoder.pos_embed")
 
 
-# Optional space-decoder parts a later leg may switch on (`motion_features`, `attr_classes`): the
-# earlier model lacks them, so they start fresh, and the motion path's last layer starts at zero so
-# the new model computes exactly what the earlier one did until training moves it.
-ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.",
-           "space_decoder.refiner.", "space_decoder.temporal.")
+# Optional space-decoder parts a later leg may switch on (`motion_features`, `attr_classes`, PARTS): the
+# earlier model lacks them, so they start fresh, and the motion path's and the temporal presence head's
+# last layers start at zero so the new model computes exactly what the earlier one did until training
+# moves it.
+ADDABLE = ("space_decoder.motion_in.", "space_decoder.motion_conv.", "space_decoder.attr_head.", *PARTS.values())
 ZERO_START = ("space_decoder.motion_conv.", "space_decoder.temporal.out.")
 
 
@@ -548,6 +548,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
+    # The norm is summed in this order, and its last bits decide a clipped step's: each kind of run keeps
+    # the order its shipped model was trained with, so the committed configs remake it bit for bit.
+    clipped = decay + no_decay if cfg.train_only else list(model.parameters())
     if opt_state is not None:
         try:
             opt.load_state_dict(opt_state)
@@ -568,7 +571,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             out = _forward(model, cfg, batch, step)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
             # A Ctrl-C inside would leave some weights updated and others not, or a step done but not
             # counted (its checkpoint would then run it twice on resume): it takes effect after.
             with _signals_held():

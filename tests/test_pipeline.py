@@ -124,7 +124,8 @@ def test_span_decoding_joint_and_text(model):
                                           torch.tensor([prep["text_mask"]]), max_new_tokens=24)
     assert free == model.processor.decode(tokens)
     # the decoding changes the answer only (and so which boxes the refiner refines)
-    np.testing.assert_array_equal(run_model(text_model, prep, all_boxes=True)[1], run_model(joint, prep, all_boxes=True)[1])
+    every_text, every_joint = (run_model(m, prep, all_boxes=True)[1] for m in (text_model, joint))
+    np.testing.assert_array_equal(every_text, every_joint)
     assert finish(text_model, prep, EXAMPLE, free, boxes2, presence2, {}, []).to_dict()["span_decoding"] == "text"
 
 
@@ -140,9 +141,9 @@ def test_the_box_refiner_refines_the_boxes_inside_the_answers_span(model):
     prep = prepare(model, EXAMPLE, "the red circle moving left", frames=16)
     text, boxes, _, _ = run_model(model, prep)
     _, every, _, _ = run_model(model, prep, all_boxes=True)
+    ids = torch.tensor([prep["ids"]])
     with torch.inference_mode():
-        rough = model.model.ground_forward(torch.tensor([prep["ids"]]), torch.ones(1, len(prep["ids"]), dtype=torch.long),
-                                           torch.from_numpy(prep["pixels"])[None],
+        rough = model.model.ground_forward(ids, torch.ones_like(ids), torch.from_numpy(prep["pixels"])[None],
                                            torch.tensor([prep["text_mask"]]))[0].boxes[0].numpy()
     a, b = answer_frames(model, prep, text)
     inside = np.array([a <= f <= b for f in prep["sampled"].indices])

@@ -159,7 +159,8 @@ class TemporalPresence(nn.Module):
         unknown = sorted(set(spec) - set(self.SETTINGS))
         if unknown:
             raise ValueError(f"temporal_presence: unknown setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
-        self.inp = nn.Sequential(nn.LayerNorm(d_llm + d + 2 + 2 * self.N_FREQ), nn.Linear(d_llm + d + 2 + 2 * self.N_FREQ, d))
+        n_in = d_llm + d + 2 + 2 * self.N_FREQ
+        self.inp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d))
         self.layers = nn.ModuleList([
             nn.TransformerEncoderLayer(d, int(spec.get("heads", 4)), 4 * d, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True) for _ in range(int(spec.get("layers", 2)))])
@@ -232,6 +233,7 @@ class BoxRefiner(nn.Module):
         return torch.cat([cxcy, wh], -1)
 
     def refine(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """`steps` passes, each window centred on the last pass's box."""
         for _ in range(self.steps):
             boxes = self(pixels, boxes)
         return boxes
@@ -378,8 +380,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             query_h.reshape(b * f, -1), patches.flatten(0, 1), text_h.repeat_interleave(f, 0),
             text_pad.repeat_interleave(f, 0), change)
         if self.config.temporal_presence is not None:
-            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), point_logits.max(-1).values.view(b, f),
-                                                   presence.view(b, f))
+            match = point_logits.max(-1).values.view(b, f)
+            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), match, presence.view(b, f))
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
