@@ -656,8 +656,11 @@ def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: flo
         if value is not None:
             rec[key] = round(value.item(), 4)
     rec["elapsed_s"] = round(elapsed, 1)
-    short = {"presence": "pres"}
-    bar.set_postfix({short.get(k, k): v for k, v in rec.items() if k not in ("step", "point", "attr", "elapsed_s")})
+    shown = {("pres" if k == "presence" else k): v for k, v in rec.items()
+             if k not in ("step", "point", "attr", "elapsed_s")}
+    if len(shown) == 2:  # a part trained alone: its loss is the loss
+        shown.pop("loss")
+    bar.set_postfix(shown)
     if (step + 1) % cfg.log_every == 0:
         log.append(rec)
     done = step + 1 == _last_step(cfg)
