@@ -142,6 +142,13 @@ class SpaceDecoder(nn.Module):
         return torch.cat([cxcy, wh], -1), presence, logits, patch_features, q
 
 
+def _check_settings(part: str, spec: dict, known: tuple) -> None:
+    """An optional part's settings (a config.json written by hand may misspell one)."""
+    unknown = sorted(set(spec) - set(known))
+    if unknown:
+        raise ValueError(f"{part}: unknown setting {unknown[0]!r}; known: {', '.join(known)}")
+
+
 class TemporalPresence(nn.Module):
     """Presence with the whole clip in view (config `temporal_presence`, an addition to the paper's
     model): the query tokens attend causally, so frame i's presence score sees frames 0..i only,
@@ -156,9 +163,7 @@ class TemporalPresence(nn.Module):
 
     def __init__(self, d_llm: int, d: int, spec: dict):
         super().__init__()
-        unknown = sorted(set(spec) - set(self.SETTINGS))
-        if unknown:
-            raise ValueError(f"temporal_presence: unknown setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
+        _check_settings("temporal_presence", spec, self.SETTINGS)
         n_in = d_llm + d + 2 + 2 * self.N_FREQ
         self.inp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d))
         self.layers = nn.ModuleList([
@@ -194,9 +199,7 @@ class BoxRefiner(nn.Module):
 
     def __init__(self, spec: dict):
         super().__init__()
-        unknown = sorted(set(spec) - set(self.SETTINGS))
-        if unknown:
-            raise ValueError(f"box_refiner: unknown setting {unknown[0]!r}; known: {', '.join(self.SETTINGS)}")
+        _check_settings("box_refiner", spec, self.SETTINGS)
         self.jitters = int(spec.get("jitters", 2))
         self.crop = int(spec.get("crop", 32))
         self.context = float(spec.get("context", 2.5))
@@ -399,8 +402,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             if box_sel.any():
                 pb = _cxcywh_to_xyxy(boxes[box_sel].float())
                 gb = gt_boxes[box_sel].float()
-                box_loss = (self.config.box_l1_weight * F.l1_loss(pb, gb)
-                            + self.config.box_giou_weight * generalized_box_iou_loss(pb, gb).mean())
+                box_loss = self._box_loss(pb, gb)
             else:
                 box_loss = boxes.sum() * 0.0
             result.lm_loss, result.box_loss, result.presence_loss = lm_loss, box_loss, pres_loss
@@ -434,8 +436,12 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         pix = pixel_values_videos.flatten(0, 1)[sel].repeat(refiner.jitters, 1, 1, 1)
         gt = gt_boxes.flatten(0, 1)[sel].float().repeat(refiner.jitters, 1)
         pb = _cxcywh_to_xyxy(refiner(pix, jitter_boxes(gt, generator).to(pix.dtype)).float())
-        return (self.config.box_l1_weight * F.l1_loss(pb, gt)
-                + self.config.box_giou_weight * generalized_box_iou_loss(pb, gt).mean())
+        return self._box_loss(pb, gt)
+
+    def _box_loss(self, pred_xyxy: torch.Tensor, gt_xyxy: torch.Tensor) -> torch.Tensor:
+        """The boxes' loss, the space decoder's and the refiner's: weighted L1 + GIoU on xyxy."""
+        return (self.config.box_l1_weight * F.l1_loss(pred_xyxy, gt_xyxy)
+                + self.config.box_giou_weight * generalized_box_iou_loss(pred_xyxy, gt_xyxy).mean())
 
     def _attr_loss(self, patch_feats: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Mean over attributes of the patch-wise cross-entropy; "none" (class 0) weighs 0.1, as
