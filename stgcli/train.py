@@ -53,7 +53,14 @@ class TrainConfig:
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
     init_from: str = ""             # a model folder whose weights start the run (an earlier leg); "": random
-    train_only: str = ""            # "box_refiner" / "temporal_presence": train that part alone, the rest frozen
+    train_only: str | list = ""     # "box_refiner" / "temporal_presence" (or a list of both) / "space_decoder"
+                                    # (all of it): train those parts alone, on the same batches, the rest frozen
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        """The parts `train_only` names, in TRAINABLE order; () trains the whole model."""
+        named = [self.train_only] if isinstance(self.train_only, str) else list(self.train_only)
+        return tuple(p for p in TRAINABLE if p in named)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -86,10 +93,13 @@ class TrainConfig:
         for name, default in defaults.items():
             v = getattr(self, name)
             ok = isinstance(v, type(default)) and not isinstance(v, bool)
+            if name == "train_only":
+                ok = isinstance(v, str) or (isinstance(v, list) and all(isinstance(x, str) for x in v))
             if isinstance(default, float):
                 ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
             if not ok:
-                raise UserError(f"{where}: {name} = {v!r} must be {type(default).__name__}")
+                kind = "a string or a list of strings" if name == "train_only" else type(default).__name__
+                raise UserError(f"{where}: {name} = {v!r} must be {kind}")
         if not isinstance(self.model, dict):
             raise UserError(f"{where}: model must be a table of model config overrides")
         rules = [("steps", self.steps >= 1), ("batch_size", self.batch_size >= 1), ("lr", self.lr > 0),
@@ -104,25 +114,32 @@ class TrainConfig:
                  ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
                                                              "blur_prob", "twin_prob", "shared_prob", "short_prob")]
-        rules.append(("train_only", self.train_only in TRAIN_ONLY))
+        named = [self.train_only] if isinstance(self.train_only, str) else self.train_only
+        rules.append(("train_only", all(p in TRAIN_ONLY for p in named) and len(set(named)) == len(named)
+                      and (isinstance(self.train_only, str) or all(named))
+                      and ("space_decoder" not in named or len(named) == 1)))  # it holds the others
         for name, ok in rules:
             if not ok:
                 extra = f" (max_frames is {self.max_frames})" if name == "min_frames" else ""
                 extra = f"; known: {', '.join(map(repr, TRAIN_ONLY))}" if name == "train_only" else extra
                 raise UserError(f"{where}: {name} = {getattr(self, name)!r} is out of range{extra}")
         _check_model_overrides(self.model, where)
-        if self.train_only and not self.init_from:
-            raise UserError(f"{where}: train_only = {self.train_only!r} trains one part of a trained model; set "
+        if self.parts and not self.init_from:
+            raise UserError(f"{where}: train_only = {self.train_only!r} trains part of a trained model; set "
                             "init_from to that model's folder")
-        if self.train_only and self.model.get(self.train_only) is None:
-            raise UserError(f"{where}: train_only = {self.train_only!r} needs the part itself: add "
-                            f"model.{self.train_only} = {{}} (or its settings)")
+        for part in self.parts:
+            if part in PARTS and self.model.get(part) is None:
+                raise UserError(f"{where}: train_only = {self.train_only!r} needs the part itself: add "
+                                f"model.{part} = {{}} (or its settings)")
 
 
 # Parts a leg may train alone (`train_only`), by the config field that adds them, with their weights'
 # prefix; "" trains the whole model.
 PARTS = {"box_refiner": "space_decoder.refiner.", "temporal_presence": "space_decoder.temporal."}
-TRAIN_ONLY = ("", *PARTS)
+# What `train_only` may name: those, or the whole space decoder (they included) on the frozen language
+# model's features, whose forward a step pays for anyway.
+TRAINABLE = {"space_decoder": "space_decoder.", **PARTS}
+TRAIN_ONLY = ("", *TRAINABLE)
 
 
 def _part_class(field: str):
@@ -539,18 +556,23 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             init_weights(model, cfg.init_from)
     model.train()
     named = list(model.named_parameters())
-    if cfg.train_only:  # the rest of the model stays as init_from made it
-        part = PARTS[cfg.train_only]
+    if cfg.parts:  # the rest of the model stays as init_from made it
+        prefixes = tuple(TRAINABLE[part] for part in cfg.parts)
         for n, p in named:
-            p.requires_grad_(n.startswith(part))
-        named = [(n, p) for n, p in named if n.startswith(part)]
+            p.requires_grad_(n.startswith(prefixes))
+        named = [(n, p) for n, p in named if n.startswith(prefixes)]
     decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
     no_decay = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98))
     # The norm is summed in this order, and its last bits decide a clipped step's: each kind of run keeps
     # the order its shipped model was trained with, so the committed configs remake it bit for bit.
-    clipped = decay + no_decay if cfg.train_only else list(model.parameters())
+    # Parts trained together are clipped each on its own: one's large gradient does not shrink the other's step.
+    if cfg.parts:
+        ids = {id(p): n for n, p in named}
+        clipped = [[p for p in decay + no_decay if ids[id(p)].startswith(TRAINABLE[part])] for part in cfg.parts]
+    else:
+        clipped = [list(model.parameters())]
     if opt_state is not None:
         try:
             opt.load_state_dict(opt_state)
@@ -571,7 +593,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
             out = _forward(model, cfg, batch, step)
             opt.zero_grad(set_to_none=True)
             out.loss.backward()
-            torch.nn.utils.clip_grad_norm_(clipped, cfg.grad_clip)
+            for group in clipped:
+                torch.nn.utils.clip_grad_norm_(group, cfg.grad_clip)
             # A Ctrl-C inside would leave some weights updated and others not, or a step done but not
             # counted (its checkpoint would then run it twice on resume): it takes effect after.
             with _signals_held():
@@ -597,19 +620,26 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, force: 
 def _forward(model, cfg: TrainConfig, batch: dict, step: int):
     """One step's forward and losses. A box_refiner leg needs only the frames and their true boxes
     (no language model); its rough boxes are drawn from (seed, step), as the batch is, so a resumed
-    run sees exactly what an uninterrupted one would."""
+    run sees exactly what an uninterrupted one would. Parts trained together learn from the same
+    batch, the loss their losses' sum (their weights are disjoint, so each gets its own gradient)."""
     import torch
 
     from .models.spacevllm.modeling_spacevllm import SpaceVLLMOutput
 
-    if cfg.train_only == "temporal_presence":
-        out = model.ground_forward(**batch, box_losses=False)[0]
-        return SpaceVLLMOutput(loss=out.presence_loss, presence_loss=out.presence_loss)
-    if cfg.train_only != "box_refiner":
+    if not cfg.parts:
         return model.ground_forward(**batch)[0]
-    gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 1]).integers(2 ** 62)))
-    loss = model.refiner_loss(batch["pixel_values_videos"], batch["gt_boxes"], batch["gt_in_span"], gen)
-    return SpaceVLLMOutput(loss=loss, refine_loss=loss)
+    if cfg.parts == ("space_decoder",):  # every loss but the language model's
+        out = model.ground_forward(**batch)[0]
+        out.loss = out.loss - model.config.lm_weight * out.lm_loss
+        return out
+    losses = {}
+    if "temporal_presence" in cfg.parts:
+        losses["presence_loss"] = model.ground_forward(**batch, box_losses=False)[0].presence_loss
+    if "box_refiner" in cfg.parts:
+        gen = torch.Generator().manual_seed(int(np.random.default_rng([cfg.seed, step, 1]).integers(2 ** 62)))
+        losses["refine_loss"] = model.refiner_loss(batch["pixel_values_videos"], batch["gt_boxes"],
+                                                   batch["gt_in_span"], gen)
+    return SpaceVLLMOutput(loss=sum(losses.values()), **losses)
 
 
 @contextlib.contextmanager
