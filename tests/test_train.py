@@ -604,14 +604,15 @@ def test_every_committed_training_config_loads():
         assert cfg.steps > 0 and cfg.out_dir.startswith("runs/"), path.name
         new_tiny_model(cfg, 0)  # every model override builds
     built_in = load_model(None, device="cpu").model.config
-    # the built-in model is train-tiny.toml, then train-tiny-motion.toml and train-tiny-refine.toml, each
+    # the built-in model is train-tiny.toml, then train-tiny-motion.toml and train-tiny-decoder.toml, each
     # on top of the one before
-    legs = [TrainConfig.from_toml(examples[0].parent / f"train-tiny{n}.toml") for n in ("", "-motion", "-refine")]
+    legs = [TrainConfig.from_toml(examples[0].parent / f"train-tiny{n}.toml") for n in ("", "-motion", "-decoder")]
     for before, leg in zip(legs, legs[1:]):
         assert leg.init_from == before.out_dir + "/model"
     last = legs[-1]
     made = new_tiny_model(last, 0)[0].config
-    for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers", "box_refiner"):
+    for field in ("motion_features", "attr_classes", "decoder_layers", "text_condition_layers", "box_refiner",
+                  "temporal_presence"):
         assert getattr(made, field) == getattr(built_in, field), field
     assert made.vision_config.image_size == built_in.vision_config.image_size
     assert made.text_config.hidden_size == built_in.text_config.hidden_size
