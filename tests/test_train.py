@@ -486,70 +486,69 @@ def test_a_box_refiner_leg_trains_the_refiner_alone(tmp_path):
         torch.testing.assert_close(resumed[k], after[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_a_temporal_presence_leg_trains_that_part_alone(tmp_path):
+@pytest.fixture(scope="module")
+def leg1(tmp_path_factory):
+    """A small trained model for the legs that train part of one."""
+    out = tmp_path_factory.mktemp("leg1")
+    return train(small_cfg(out_dir=str(out), steps=2), progress=False)
+
+
+def _part_leg(src, out_dir, **kw):
+    """Train a leg on `src`: (weights before, weights after, the leg's log records)."""
+    out = train(small_cfg(out_dir=str(out_dir), init_from=str(src), **kw), progress=False)
+    log = [json.loads(line) for line in (out_dir / "train_log.jsonl").read_text().splitlines()]
+    return load_file(src / "model.safetensors"), load_file(out / "model.safetensors"), log
+
+
+def test_a_temporal_presence_leg_trains_that_part_alone(tmp_path, leg1):
     """train_only = "temporal_presence": the frozen model runs forward, the part learns from the
     presence loss alone; every other weight stays as it was, and the log holds that loss only."""
     from tests.test_model import SMALL
 
-    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
-    src = tmp_path / "leg1" / "model"
-    out = train(small_cfg(out_dir=str(tmp_path / "a"), init_from=str(src), train_only="temporal_presence",
-                          model=dict(SMALL, temporal_presence={"layers": 1, "heads": 2}), steps=6, lr=3e-3),
-                progress=False)
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after, log = _part_leg(leg1, tmp_path / "a", train_only="temporal_presence",
+                                   model=dict(SMALL, temporal_presence={"layers": 1, "heads": 2}), steps=6, lr=3e-3)
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert after["space_decoder.temporal.out.weight"].abs().sum() > 0  # started at zero, trained
-    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
     assert set(log[0]) == {"step", "loss", "presence", "elapsed_s"} and log[0]["loss"] == log[0]["presence"]
 
 
-def test_two_parts_train_together_on_the_same_batches(tmp_path):
+def test_two_parts_train_together_on_the_same_batches(tmp_path, leg1):
     """train_only = [both parts]: each learns from its own loss on the same batches, the loss is their
     sum, every other weight stays as it was; and the refiner ends exactly where a refiner-only leg with
     the same seed ends (its gradient, its clipping and its optimizer state are its own)."""
     from tests.test_model import REFINER, SMALL
 
-    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
-    src = tmp_path / "leg1" / "model"
     parts = dict(box_refiner=REFINER, temporal_presence={"layers": 1, "heads": 2})
-    leg = dict(init_from=str(src), model=dict(SMALL, **parts), steps=6, lr=3e-3, warmup_steps=2, batch_size=2)
-    out = train(small_cfg(out_dir=str(tmp_path / "both"), train_only=["box_refiner", "temporal_presence"], **leg),
-                progress=False)
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    leg = dict(model=dict(SMALL, **parts), steps=6, lr=3e-3, warmup_steps=2, batch_size=2)
+    before, after, log = _part_leg(leg1, tmp_path / "both", train_only=["box_refiner", "temporal_presence"], **leg)
     for k in before:
         assert torch.equal(before[k], after[k]), k
     assert after["space_decoder.temporal.out.weight"].abs().sum() > 0  # started at zero, trained
-    log = [json.loads(line) for line in (tmp_path / "both" / "train_log.jsonl").read_text().splitlines()]
     assert set(log[0]) == {"step", "loss", "presence", "refine", "elapsed_s"}
     assert all(abs(r["loss"] - r["presence"] - r["refine"]) < 2e-4 for r in log)
 
-    alone = train(small_cfg(out_dir=str(tmp_path / "alone"), train_only="box_refiner", **leg), progress=False)
-    refined = load_file(alone / "model.safetensors")
+    refined = _part_leg(leg1, tmp_path / "alone", train_only="box_refiner", **leg)[1]
     ref_keys = [k for k in after if k.startswith("space_decoder.refiner.")]
     assert ref_keys
     for k in ref_keys:
         torch.testing.assert_close(after[k], refined[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
-def test_a_space_decoder_leg_trains_the_decoder_on_the_frozen_language_model(tmp_path):
+def test_a_space_decoder_leg_trains_the_decoder_on_the_frozen_language_model(tmp_path, leg1):
     """train_only = "space_decoder": the whole decoder (its added parts included) learns from every
     loss but the language model's, which is logged and left out of the loss; nothing outside the
     decoder moves."""
     from tests.test_model import REFINER, SMALL
 
-    train(small_cfg(out_dir=str(tmp_path / "leg1"), steps=2), progress=False)
-    src = tmp_path / "leg1" / "model"
-    out = train(small_cfg(out_dir=str(tmp_path / "a"), init_from=str(src), train_only="space_decoder",
-                          model=dict(SMALL, box_refiner=REFINER), steps=4, lr=3e-3, warmup_steps=1, batch_size=2),
-                progress=False)
-    before, after = load_file(src / "model.safetensors"), load_file(out / "model.safetensors")
+    before, after, log = _part_leg(leg1, tmp_path / "a", train_only="space_decoder",
+                                   model=dict(SMALL, box_refiner=REFINER), steps=4, lr=3e-3, warmup_steps=1,
+                                   batch_size=2)
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith("space_decoder.") for k in moved)
     assert "space_decoder.query_proj.weight" in moved
     assert any(k.startswith("space_decoder.refiner.") for k in after)
-    log = [json.loads(line) for line in (tmp_path / "a" / "train_log.jsonl").read_text().splitlines()]
-    cfg = json.loads((out / "config.json").read_text())
+    cfg = json.loads((tmp_path / "a" / "model" / "config.json").read_text())
     assert cfg["mid_presence_layer"] == 0 and cfg["attr_weight"] == 0  # (their losses are not logged)
     for r in log:
         rest = (r["box"] + cfg["presence_weight"] * r["presence"] + r["refine"]
