@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--bias", type=float, nargs="+", default=None, help="presence biases (default: the model's)")
     ap.add_argument("--span-decoding", default="joint", choices=["joint", "text"])
     ap.add_argument("--refine-steps", type=int, default=None, help="box refiner passes (default: the model's)")
+    ap.add_argument("--frames", type=int, default=None, help="frames sampled per clip (default: the model's)")
     args = ap.parse_args()
     rows = [json.loads(x) for x in (args.clips / "manifest.jsonl").read_text().splitlines()]
     m = load_model(args.model, device="cpu", span_decoding=args.span_decoding)
@@ -42,7 +43,7 @@ def main() -> None:
         if m.model.config.box_refiner is None:
             ap.error(f"{m.name} has no box refiner")
         m.model.space_decoder.refiner.steps = args.refine_steps
-    preps = [prepare(m, args.clips / r["video"], r["query"]) for r in rows]
+    preps = [prepare(m, args.clips / r["video"], r["query"], frames=args.frames) for r in rows]
     for bias in args.bias or [m.model.config.presence_bias]:
         m.model.config.presence_bias = bias
         scores, clip_ious = [], []
