@@ -59,8 +59,11 @@ class TrainConfig:
     @property
     def parts(self) -> tuple[str, ...]:
         """The parts `train_only` names, in TRAINABLE order; () trains the whole model."""
-        named = [self.train_only] if isinstance(self.train_only, str) else list(self.train_only)
-        return tuple(p for p in TRAINABLE if p in named)
+        return tuple(p for p in TRAINABLE if p in self._train_only_names())
+
+    def _train_only_names(self) -> list[str]:
+        """`train_only` as a list, whether written as one name or as several."""
+        return [self.train_only] if isinstance(self.train_only, str) else list(self.train_only)
 
     @classmethod
     def from_toml(cls, path: str | Path) -> "TrainConfig":
@@ -114,7 +117,7 @@ class TrainConfig:
                  ("grad_clip", self.grad_clip > 0), ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1)]
         rules += [(n, 0 <= getattr(self, n) <= 1) for n in ("vary_frames_prob", "native_fraction", "jpeg_prob",
                                                              "blur_prob", "twin_prob", "shared_prob", "short_prob")]
-        named = [self.train_only] if isinstance(self.train_only, str) else self.train_only
+        named = self._train_only_names()
         rules.append(("train_only", all(p in TRAIN_ONLY for p in named) and len(set(named)) == len(named)
                       and (isinstance(self.train_only, str) or all(named))
                       and ("space_decoder" not in named or len(named) == 1)))  # it holds the others
