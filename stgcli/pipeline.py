@@ -124,7 +124,8 @@ def run_model(loaded, prep: dict, all_boxes: bool = False):
 
     A model with a box refiner refines the boxes of the sampled frames inside the answer's span only
     (the others are never shown); `all_boxes` refines every frame's (diagnostics that score boxes on
-    the true span's frames).
+    the true span's frames), the boxes inside the span the same either way (tube linking, when the
+    model's config turns it on, follows the object through the answer's span in both).
 
     The answer is decoded as `loaded.span_decoding` says: "joint" (default) writes the answer the
     language model and the per-frame presence scores agree on best, among answers whose edges are
@@ -152,7 +153,7 @@ def run_model(loaded, prep: dict, all_boxes: bool = False):
         candidates = joint if loaded.span_decoding == "joint" else None
         tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24,
                                                       answer_candidates=candidates,
-                                                      box_frames=None if all_boxes else in_span)
+                                                      box_frames=in_span, refine_all=all_boxes)
     text = loaded.processor.decode(tokens)
     return text, boxes.float().cpu().numpy(), presence.float().cpu().numpy(), time.perf_counter() - t0
 

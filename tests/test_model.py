@@ -340,6 +340,83 @@ def test_local_softmax_keeps_the_window_around_the_best_patch():
     assert torch.dist(between, a) > 1 / grid and torch.dist(between, b) > 1 / grid  # on neither
 
 
+def _two_objects(grid: int, a_path, b_path, a_score, b_score) -> torch.Tensor:
+    """Pointing logits of frames with two look-alike objects at the given (x, y) patches."""
+    logits = torch.full((len(a_path), grid * grid), -3.0)
+    for t, ((ax, ay), (bx, by)) in enumerate(zip(a_path, b_path)):
+        logits[t, ay * grid + ax] = a_score[t]
+        logits[t, by * grid + bx] = b_score[t]
+    return logits
+
+
+def test_link_track_follows_one_object_through_a_frame_it_loses():
+    """Object A drifts right along row 1, its look-alike B sits still at (6, 6). Frame by frame the
+    argmax jumps to B on frame 3 (B scores a little higher there); linked, the track stays on A,
+    whose evidence over the clip is stronger than one frame's small lead. With no weight on moving
+    it is the argmax; when B wins clearly and for long, the track goes to B."""
+    from stgcli.models.spacevllm.modeling_spacevllm import link_track
+
+    grid = 8
+    a = [(1, 1), (2, 1), (2, 1), (3, 1), (3, 1), (4, 1)]
+    b = [(6, 6)] * 6
+    logits = _two_objects(grid, a, b, [4.0, 4.0, 4.0, 3.0, 4.0, 4.0], [3.0, 3.0, 3.0, 3.6, 3.0, 3.0])
+    idx = [y * grid + x for x, y in a]
+    assert logits.argmax(-1).tolist()[3] == 6 * grid + 6
+    assert link_track(logits, grid, 0.5, 1.0).tolist() == idx
+    assert link_track(logits, grid, 0.0, 1.0).tolist() == logits.argmax(-1).tolist()
+    # B clearly ahead from frame 2 on: the track moves to B once, and stays
+    late = _two_objects(grid, a, b, [4.0, 4.0, 1.0, 1.0, 1.0, 1.0], [3.0, 3.0, 5.0, 5.0, 5.0, 5.0])
+    assert link_track(late, grid, 0.5, 1.0).tolist() == idx[:2] + [6 * grid + 6] * 4
+    # moves within `free` patches cost nothing: a lone frame still follows its own best patch
+    assert link_track(logits[:1], grid, 0.5, 1.0).tolist() == idx[:1]
+
+
+def test_relink_recentres_only_frames_the_track_takes_elsewhere(small):
+    """A frame the linked track keeps on its best patch keeps the decoder's box exactly; a frame
+    it moves to the other object is re-centred there (the local soft-argmax around the track's
+    patch), its size unchanged."""
+    from stgcli.models.spacevllm.modeling_spacevllm import _local_softmax, _patch_centres
+
+    model, _ = small
+    dec = model.space_decoder
+    grid = dec.grid
+    assert grid == 4 and dec.window == 1
+    a = [(0, 0), (0, 1), (1, 1), (1, 0)]
+    b = [(3, 3)] * 4
+    logits = _two_objects(grid, a, b, [4.0, 4.0, 3.0, 4.0], [3.0, 3.0, 3.5, 3.0])
+    boxes = torch.tensor([[0.3, 0.3, 0.1, 0.2], [0.3, 0.4, 0.1, 0.2], [0.8, 0.8, 0.15, 0.25], [0.4, 0.5, 0.1, 0.2]])
+    out = dec.relink(boxes, logits, 0.5, 1.0)
+    torch.testing.assert_close(out[[0, 1, 3]], boxes[[0, 1, 3]])
+    x, y = a[2]
+    want = _local_softmax(logits[2:3], grid, dec.window, torch.tensor([[y * grid + x]])) @ _patch_centres(
+        grid, "cpu", torch.float32, dec.cover)
+    torch.testing.assert_close(out[2, :2], want[0])
+    torch.testing.assert_close(out[2, 2:], boxes[2, 2:])
+    torch.testing.assert_close(dec.relink(boxes, logits, 0.0, 1.0), boxes)
+
+
+def test_ground_links_the_shown_frames_when_the_config_says_so(small, monkeypatch):
+    """`link_weight` > 0: ground() follows one object through the frames `box_frames` marks, with
+    the pointing scores of the same forward; the other frames keep the decoder's boxes; 0 (the
+    default): no linking."""
+    model, proc = small
+    model.eval()
+    args, _ = prompt_inputs(proc, step=1)
+    with torch.no_grad():
+        res = model.ground_forward(*args)[0]
+        n = res.boxes.shape[1]
+        shown = torch.zeros(n, dtype=torch.bool)
+        shown[1:n - 1] = True
+        _, plain, _ = model.ground(*args, max_new_tokens=3, box_frames=lambda _t: shown.tolist())
+        torch.testing.assert_close(plain, res.boxes[0])
+        monkeypatch.setattr(model.config, "link_weight", 0.5)
+        _, linked, _ = model.ground(*args, max_new_tokens=3, box_frames=lambda _t: shown.tolist())
+    want = model.space_decoder.relink(res.boxes[0][shown], res.point_logits[0][shown], 0.5, model.config.link_free)
+    torch.testing.assert_close(linked[shown], want)
+    torch.testing.assert_close(linked[~shown], res.boxes[0][~shown])
+    assert res.point_logits.shape == (1, n, model.space_decoder.grid ** 2)
+
+
 def test_point_window_applies_at_inference_only(small):
     """Training averages over the whole grid (every patch gets gradient); inference keeps the
     window around the best patch, and -1 restores the whole grid."""

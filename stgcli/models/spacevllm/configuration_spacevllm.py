@@ -47,6 +47,13 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     temporal_presence: a small bidirectional transformer over the frames that corrects each frame's
         presence logit with the whole clip in view (modeling's TemporalPresence): None, off, or a dict
         of its settings (`layers`, `heads`; {} takes the defaults).
+    link_weight / link_free: tube linking at inference (0: off). The frames whose boxes are shown
+        get one object, followed through the clip: the patch each frame points at is chosen jointly
+        over the frames (Viterbi), each frame's pointing log-probability summed, less `link_weight`
+        for every patch beyond `link_free` that the object moves between consecutive sampled
+        frames. Frame by frame, the decoder can box the target on one frame and a look-alike on
+        the next; followed as one track, a frame whose evidence is torn goes with the track. A
+        calibration like `presence_bias`, chosen on tuning clips; no extra weights.
     """
 
     model_type = "spacevllm"
@@ -73,6 +80,8 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     attr_weight: float = 0.0
     box_refiner: dict | None = None
     temporal_presence: dict | None = None
+    link_weight: float = 0.0
+    link_free: float = 1.0
 
 
 def tiny_config(vocab_size: int, image_token_index: int, video_token_index: int, query_token_index: int,

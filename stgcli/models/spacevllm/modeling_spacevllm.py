@@ -57,6 +57,7 @@ class SpaceVLLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
     presence_logits: torch.Tensor | None = None
+    point_logits: torch.Tensor | None = None
 
 
 class SpaceDecoder(nn.Module):
@@ -140,6 +141,24 @@ class SpaceDecoder(nn.Module):
         presence = self.presence_head(query_h).squeeze(-1) + self.match_scale(
             logits.max(-1, keepdim=True).values).squeeze(-1)
         return torch.cat([cxcy, wh], -1), presence, logits, patch_features, q
+
+    def relink(self, boxes: torch.Tensor, logits: torch.Tensor, weight: float, free: float) -> torch.Tensor:
+        """Boxes (T, 4) cxcywh of consecutive shown frames, their pointing scores (T, P) -> the boxes
+        of one object followed through them (`link_track`). A frame whose linked patch lies outside
+        the window its centre was taken from (`point_window`) is re-centred there by the same local
+        soft-argmax, without the regressed offset, which was the other object's; its size stays
+        (a box refiner then fits it)."""
+        radius = self.window if self.window >= 0 else 1
+        path = link_track(logits, self.grid, weight, free)
+        best = logits.argmax(-1)
+        far = torch.maximum((path // self.grid - best // self.grid).abs(), (path % self.grid - best % self.grid).abs())
+        moved = far > radius
+        if not bool(moved.any()):
+            return boxes
+        attn = _local_softmax(logits[moved].float(), self.grid, radius, path[moved, None])
+        boxes = boxes.clone()
+        boxes[moved, :2] = (attn @ _patch_centres(self.grid, attn.device, attn.dtype, self.cover)).to(boxes.dtype)
+        return boxes
 
 
 def _check_settings(part: str, spec: dict, known: tuple) -> None:
@@ -281,13 +300,35 @@ def _patch_centres(grid: int, device, dtype, cover: float = 1.0) -> torch.Tensor
     return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).mul(cover).to(dtype)
 
 
-def _local_softmax(logits: torch.Tensor, grid: int, radius: int) -> torch.Tensor:
+def _local_softmax(logits: torch.Tensor, grid: int, radius: int, best: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax of (N, grid*grid) row-major patch scores restricted to the (2r+1)^2 patches around
-    each row's best patch: a soft-argmax over it stays on one object (local soft-argmax)."""
-    best = logits.argmax(-1, keepdim=True)
+    each row's best patch (or the (N, 1) patches `best` names): a soft-argmax over it stays on one
+    object (local soft-argmax)."""
+    best = logits.argmax(-1, keepdim=True) if best is None else best
     idx = torch.arange(grid * grid, device=logits.device)
     near = (((idx // grid) - best // grid).abs() <= radius) & (((idx % grid) - best % grid).abs() <= radius)
     return logits.masked_fill(~near, float("-inf")).softmax(-1)
+
+
+def link_track(logits: torch.Tensor, grid: int, weight: float, free: float) -> torch.Tensor:
+    """Tube linking: (T, grid*grid) pointing scores of consecutive frames -> (T,) the patch each
+    frame's object sits on, chosen jointly (Viterbi): the pointing log-probabilities summed, less
+    `weight` per patch (Chebyshev distance) beyond `free` that the object moves from one frame to
+    the next. Written out: 16 frames of 64 (or 729) patches is a few small max-plus products, and
+    no dependency offers Viterbi over torch tensors."""
+    logp = torch.log_softmax(logits.float(), -1)
+    rows, cols = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
+    dist = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()).float()
+    move = (-weight * (dist - free).clamp(min=0)).to(logp.device)  # (from, to)
+    score, back = logp[0], []
+    for t in range(1, len(logp)):
+        best, arg = (score[:, None] + move).max(0)
+        back.append(arg)
+        score = best + logp[t]
+    path = [int(score.argmax())]
+    for arg in reversed(back):
+        path.append(int(arg[path[-1]]))
+    return torch.tensor(path[::-1], device=logits.device)
 
 
 def _centre_patch(xyxy: torch.Tensor, grid: int, cover: float = 1.0) -> torch.Tensor:
@@ -389,7 +430,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
 
-        result = SpaceVLLMOutput(boxes=boxes, presence_logits=presence)
+        result = SpaceVLLMOutput(boxes=boxes, presence_logits=presence, point_logits=point_logits.view(b, f, -1))
         if labels is not None:
             # Logits only where an answer token is predicted: the vocabulary projection over the whole
             # (mostly visual) sequence would dominate the step time for nothing.
@@ -475,13 +516,15 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     @torch.no_grad()
     def ground(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values_videos: torch.Tensor,
                text_mask: torch.Tensor, max_new_tokens: int = 16, eos_token_id: int | None = None,
-               answer_candidates=None, box_frames=None):
+               answer_candidates=None, box_frames=None, refine_all: bool = False):
         """Inference for one clip (batch 1): answer tokens + per-frame boxes and presence.
 
         The boxes for all sampled frames come from the same prefill; the pipeline keeps those inside
-        the span the answer names. With a box refiner, the boxes it refines are those of the frames
-        `box_frames` (a callable: answer tokens -> (F,) bools) marks, all without it: the refiner is a
-        fifth of a clip's compute on a CPU, and a box outside the span is never shown.
+        the span the answer names. `box_frames` (a callable: answer tokens -> (F,) bools; None: all)
+        marks the frames whose boxes are shown: tube linking (`link_weight`) follows one object
+        through those, and a box refiner refines those only (`refine_all`: every frame's, for
+        diagnostics; the shown boxes stay the same), as the refiner is a fifth of a clip's compute
+        on a CPU and a box outside the span is never shown.
 
         Without `answer_candidates` the answer is free greedy text. Greedy decoding is written out
         (a dozen steps) because the prefill's hidden states are needed for the decoder and
@@ -497,14 +540,16 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         presence = torch.sigmoid(res.presence_logits[0] + self.config.presence_bias)
         tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
                               answer_candidates)
-        boxes = res.boxes[0]
-        if self.config.box_refiner is not None:
-            keep = torch.ones(len(boxes), dtype=torch.bool) if box_frames is None else torch.as_tensor(
-                box_frames(tokens), dtype=torch.bool)
-            if bool(keep.any()):
-                keep = keep.to(boxes.device)
-                boxes = boxes.clone()
-                boxes[keep] = self.space_decoder.refiner.refine(pixel_values_videos[0][keep], boxes[keep])
+        boxes = res.boxes[0].clone()
+        shown = torch.ones(len(boxes), dtype=torch.bool) if box_frames is None else torch.as_tensor(
+            box_frames(tokens), dtype=torch.bool)
+        shown = shown.to(boxes.device)
+        if self.config.link_weight > 0 and bool(shown.any()):
+            boxes[shown] = self.space_decoder.relink(boxes[shown], res.point_logits[0][shown],
+                                                     self.config.link_weight, self.config.link_free)
+        refine = torch.ones_like(shown) if refine_all else shown
+        if self.config.box_refiner is not None and bool(refine.any()):
+            boxes[refine] = self.space_decoder.refiner.refine(pixel_values_videos[0][refine], boxes[refine])
         return tokens, boxes, presence
 
     def _answer(self, res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
