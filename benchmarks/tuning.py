@@ -2,17 +2,18 @@
 
     stg synth /tmp/tune4242 --n 80 --seed 4242
     python benchmarks/tuning.py /tmp/tune4242 [--model DIR] [--bias 0 0.5 1.0] [--span-decoding joint|text]
-                                              [--refine-steps N]
+                                              [--refine-steps N] [--link-weight 0 0.5] [--link-free 1]
 
 How `presence_bias` (the model config's inference-time shift of the presence logits) is chosen
 for a model before it ships: on clips other than the quality benchmark's. Each clip is decoded
 once; per bias it prints m_tIoU, m_vIoU, vIoU@0.3/0.5 and the mean box IoU on the sampled frames
 inside the true span (the boxes alone, whatever span was chosen), with the share of boxes that
-miss (IoU < 0.1) and that hit well (IoU > 0.5). Then, once (the boxes do not depend on the bias),
-the same box figures per query form and with / without a twin, with the mean IoU of the boxes
+miss (IoU < 0.1) and that hit well (IoU > 0.5). Then, for the last setting (the boxes depend on the
+bias only through the span tube linking follows), the same box figures per query form and with / without a twin, with the mean IoU of the boxes
 that do not miss: a model can point more precisely yet at the wrong object more often.
 `--refine-steps` sets how many passes a model's box refiner makes (its config's `box_refiner.steps`;
-0: the space decoder's boxes as they are). Nothing is written.
+0: the space decoder's boxes as they are). `--link-weight` / `--link-free` set tube linking (config
+`link_weight` / `link_free`; weight 0: off), every combination with every bias. Nothing is written.
 """
 from __future__ import annotations
 
@@ -36,6 +37,10 @@ def main() -> None:
     ap.add_argument("--span-decoding", default="joint", choices=["joint", "text"])
     ap.add_argument("--refine-steps", type=int, default=None, help="box refiner passes (default: the model's)")
     ap.add_argument("--frames", type=int, default=None, help="frames sampled per clip (default: the model's)")
+    ap.add_argument("--link-weight", type=float, nargs="+", default=None,
+                    help="tube linking weights, 0: off (default: the model's config)")
+    ap.add_argument("--link-free", type=float, nargs="+", default=None,
+                    help="tube linking's free move in patches (default: the model's config)")
     args = ap.parse_args()
     rows = [json.loads(x) for x in (args.clips / "manifest.jsonl").read_text().splitlines()]
     m = load_model(args.model, device="cpu", span_decoding=args.span_decoding)
@@ -44,8 +49,11 @@ def main() -> None:
             ap.error(f"{m.name} has no box refiner")
         m.model.space_decoder.refiner.steps = args.refine_steps
     preps = [prepare(m, args.clips / r["video"], r["query"], frames=args.frames) for r in rows]
-    for bias in args.bias or [m.model.config.presence_bias]:
-        m.model.config.presence_bias = bias
+    cfg = m.model.config
+    settings = [(b, w, f) for b in args.bias or [cfg.presence_bias] for w in args.link_weight or [cfg.link_weight]
+                for f in args.link_free or [cfg.link_free]]
+    for bias, weight, free in settings:
+        cfg.presence_bias, cfg.link_weight, cfg.link_free = bias, weight, free
         scores, clip_ious = [], []
         for r, prep in zip(rows, preps):
             text, boxes, presence, _ = run_model(m, prep, all_boxes=True)
@@ -53,7 +61,7 @@ def main() -> None:
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
             clip_ious.append(true_span_box_ious(m, prep, boxes, r))
         s, iou = summarize(scores), np.concatenate([np.asarray(x, float) for x in clip_ious])
-        print(f"{m.name} bias {bias:+.1f} ({args.span_decoding}): m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
+        print(f"{m.name} bias {bias:+.1f} link {weight:g}/{free:g} ({args.span_decoding}): m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
               f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
     print("boxes on true-span frames by group:")
