@@ -36,14 +36,15 @@ def test_tuning_scores_each_bias_and_breaks_boxes_down_by_group(tmp_path):
     made = subprocess.run([sys.executable, "-m", "stgcli", "synth", str(clips), "--n", "3", "--seed", "5"],
                           capture_output=True, text=True, timeout=300)
     assert made.returncode == 0, made.stderr
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(clips), "--bias", "0", "1"],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(clips), "--bias", "0", "1",
+                           "--link-weight", "0", "0.5"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = re.findall(r"bias ([+-][\d.]+) \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*\| box IoU ([\d.]+)",
-                       done.stdout)
-    assert [b for b, *_ in lines] == ["+0.0", "+1.0"]
-    assert all(0 <= float(v) <= 1 for _, *vals in lines for v in vals)
-    assert lines[0][3] == lines[1][3]  # the boxes do not depend on the presence bias
+    lines = re.findall(r"bias ([+-][\d.]+) link ([\d.]+)/1 \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*"
+                       r"\| box IoU ([\d.]+)", done.stdout)
+    assert [(b, w) for b, w, *_ in lines] == [("+0.0", "0"), ("+0.0", "0.5"), ("+1.0", "0"), ("+1.0", "0.5")]
+    assert all(0 <= float(v) <= 1 for _, _, *vals in lines for v in vals)
+    # unlinked, the boxes do not depend on the presence bias (linked, they follow the answer's span)
+    assert lines[0][4] == lines[2][4]
     groups = dict(re.findall(r"^  (plain|moving|still|no twin|twin) +n +(\d+) \|", done.stdout, re.M))
     rows = [json.loads(x) for x in (clips / "manifest.jsonl").read_text().splitlines()]
     # every group with a clip is listed, and the twin / no-twin split covers every box once
