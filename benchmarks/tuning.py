@@ -9,8 +9,9 @@ for a model before it ships: on clips other than the quality benchmark's. Each c
 once; per bias it prints m_tIoU, m_vIoU, vIoU@0.3/0.5 and the mean box IoU on the sampled frames
 inside the true span (the boxes alone, whatever span was chosen), with the share of boxes that
 miss (IoU < 0.1) and that hit well (IoU > 0.5). Then, for the last setting (the boxes depend on the
-bias only through the span tube linking follows), the same box figures per query form and with / without a twin, with the mean IoU of the boxes
-that do not miss: a model can point more precisely yet at the wrong object more often.
+bias only through the span tube linking follows), the same box figures per query form and with /
+without a twin, with the mean IoU of the boxes that do not miss: a model can point more precisely
+yet at the wrong object more often.
 `--refine-steps` sets how many passes a model's box refiner makes (its config's `box_refiner.steps`;
 0: the space decoder's boxes as they are). `--link-weight` / `--link-free` set tube linking (config
 `link_weight` / `link_free`; weight 0: off), every combination with every bias. Nothing is written.
@@ -61,7 +62,8 @@ def main() -> None:
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
             clip_ious.append(true_span_box_ious(m, prep, boxes, r))
         s, iou = summarize(scores), np.concatenate([np.asarray(x, float) for x in clip_ious])
-        print(f"{m.name} bias {bias:+.1f} link {weight:g}/{free:g} ({args.span_decoding}): m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
+        print(f"{m.name} bias {bias:+.1f} link {weight:g}/{free:g} ({args.span_decoding}): "
+              f"m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
               f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
     print("boxes on true-span frames by group:")

@@ -150,9 +150,7 @@ class SpaceDecoder(nn.Module):
         (a box refiner then fits it)."""
         radius = self.window if self.window >= 0 else 1
         path = link_track(logits, self.grid, weight, free)
-        best = logits.argmax(-1)
-        far = torch.maximum((path // self.grid - best // self.grid).abs(), (path % self.grid - best % self.grid).abs())
-        moved = far > radius
+        moved = _grid_distance(path, logits.argmax(-1), self.grid) > radius
         if not bool(moved.any()):
             return boxes
         attn = _local_softmax(logits[moved].float(), self.grid, radius, path[moved, None])
@@ -300,13 +298,17 @@ def _patch_centres(grid: int, device, dtype, cover: float = 1.0) -> torch.Tensor
     return torch.stack([(xs.flatten() + 0.5) / grid, (ys.flatten() + 0.5) / grid], -1).mul(cover).to(dtype)
 
 
+def _grid_distance(a: torch.Tensor, b: torch.Tensor, grid: int) -> torch.Tensor:
+    """Chebyshev distance, in patches, between row-major patch indices `a` and `b` (broadcast)."""
+    return torch.maximum((a // grid - b // grid).abs(), (a % grid - b % grid).abs())
+
+
 def _local_softmax(logits: torch.Tensor, grid: int, radius: int, best: torch.Tensor | None = None) -> torch.Tensor:
     """Softmax of (N, grid*grid) row-major patch scores restricted to the (2r+1)^2 patches around
     each row's best patch (or the (N, 1) patches `best` names): a soft-argmax over it stays on one
     object (local soft-argmax)."""
     best = logits.argmax(-1, keepdim=True) if best is None else best
-    idx = torch.arange(grid * grid, device=logits.device)
-    near = (((idx // grid) - best // grid).abs() <= radius) & (((idx % grid) - best % grid).abs() <= radius)
+    near = _grid_distance(torch.arange(grid * grid, device=logits.device), best, grid) <= radius
     return logits.masked_fill(~near, float("-inf")).softmax(-1)
 
 
@@ -317,8 +319,8 @@ def link_track(logits: torch.Tensor, grid: int, weight: float, free: float) -> t
     the next. Written out: 16 frames of 64 (or 729) patches is a few small max-plus products, and
     no dependency offers Viterbi over torch tensors."""
     logp = torch.log_softmax(logits.float(), -1)
-    rows, cols = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
-    dist = torch.maximum((rows[:, None] - rows[None]).abs(), (cols[:, None] - cols[None]).abs()).float()
+    idx = torch.arange(grid * grid)
+    dist = _grid_distance(idx[:, None], idx[None], grid).float()
     move = (-weight * (dist - free).clamp(min=0)).to(logp.device)  # (from, to)
     score, back = logp[0], []
     for t in range(1, len(logp)):
