@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -73,37 +74,44 @@ while True:
 """
 
 
-def standalone_costs(paths: list[Path], dtype: str = "auto") -> tuple[float, float, float]:
-    """CPU seconds per clip of stg's own decode and of the model alone (torch on 1 thread),
-    one after the other: what the batch has to fit onto the machine's cores. Third: the model's
-    CPU seconds per clip again while another process decodes on the other core(s), to show
-    what two busy cores cost each other on this machine."""
+def standalone_costs(paths: list[Path], queries: list[str], dtype: str = "auto") -> tuple[float, float, float]:
+    """CPU seconds per clip of the batch's two halves, each measured alone: a decoding worker's
+    (stg.batch.decode_clip, one decoder thread) and the main process's (preprocessing, prompt,
+    model and result, torch on 1 thread): what the batch has to fit onto the machine's cores.
+    Each clip is asked its own query, as in the batch: a query whose object is absent skips the
+    answer's scoring, tube linking and the refiner, and costs 15-25% less (a fixed query
+    understated the model). Third: the main half's CPU seconds per clip again while another
+    process decodes on the other core(s), to show what two busy cores cost each other here."""
     import torch
 
-    from stgcli.pipeline import prepare, run_model
+    from stgcli.batch import decode_clip
+    from stgcli.pipeline import ground_prepared, model_input_size, prepare_sampled
     from stgcli.weights import load_model
 
     m = load_model(device="cpu", dtype=dtype)
+    size = model_input_size(m)
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+
+    def main_half() -> float:
+        t0 = time.process_time()
+        for p, q, sampled in zip(paths, queries, decoded):
+            ground_prepared(m, prepare_sampled(m, q, sampled, time.perf_counter()), str(p))
+        return (time.process_time() - t0) / len(paths)
+
     try:
-        preps = [prepare(m, p, "the red circle") for p in paths[:3]]  # warm-up
+        for p in paths[:3]:  # warm-up
+            decode_clip(str(p), m.default_frames, None, None, size)
         t0 = time.process_time()
-        preps = [prepare(m, p, "the red circle") for p in paths]
+        decoded = [decode_clip(str(p), m.default_frames, None, None, size)[0] for p in paths]
         decode = (time.process_time() - t0) / len(paths)
-        t0 = time.process_time()
-        for prep in preps:
-            run_model(m, prep)
-        model = (time.process_time() - t0) / len(paths)
-        s = m.processor.settings.image_size
-        loop = subprocess.Popen([PY, "-c", _DECODE_LOOP, str(m.default_frames), str(s), *map(str, paths)],
+        main_half()  # warm-up: oneDNN's kernels for the new shapes
+        model = main_half()
+        loop = subprocess.Popen([PY, "-c", _DECODE_LOOP, str(m.default_frames), str(size[0]), *map(str, paths)],
                                 stderr=subprocess.DEVNULL)
         try:
             time.sleep(2.0)  # its imports done, decoding
-            t0 = time.process_time()
-            for prep in preps:
-                run_model(m, prep)
-            model_busy = (time.process_time() - t0) / len(paths)
+            model_busy = main_half()
         finally:
             loop.kill()
             loop.wait()
@@ -140,8 +148,26 @@ cli(sys.argv[1:])
 """
 
 
-def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True, dtype: str = "auto") -> dict:
-    """Run `stg batch` in a subprocess and timestamp every result line as it lands."""
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds (user + system) used so far by a live process and by its live children (the
+    batch's decoding workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def used(p: str) -> float:
+        with open(f"/proc/{p}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / tick
+
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        kids = f.read().split()
+    return used(str(pid)), sum(used(k) for k in kids)
+
+
+def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True, dtype: str = "auto",
+              ahead: int = 0) -> dict:
+    """Run `stg batch` in a subprocess and timestamp every result line as it lands. `ahead`: how many
+    clips its decoders run ahead of the model; the CPU split is taken from line 10 to line n - ahead,
+    while the decoders are still at work (they finish `ahead` clips before the last line)."""
     out = tmp / "results.jsonl"
     if out.exists():
         out.unlink()
@@ -151,6 +177,8 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     stamps: list[float] = []
     rss: dict[int, tuple[int, int]] = {}
+    cpu: dict[int, tuple[float, float]] = {}
+    cpu_to = n - ahead if n - ahead >= 30 else None
     seen, count = 0, 0  # bytes read so far, lines in them: each poll reads only what was appended (rereading
     # the whole file every 5 ms took up to ~6% of a core from the 2 the measured batch runs on)
     while True:
@@ -167,6 +195,9 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
             for mark in (10, n):
                 if count >= mark and mark not in rss:
                     rss[mark] = _rss_kib(proc.pid)
+            for mark in (10, cpu_to):
+                if mark is not None and count >= mark and mark not in cpu:
+                    cpu[mark] = _cpu_s(proc.pid)
         if done:
             break
         time.sleep(0.005)
@@ -180,7 +211,12 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     steady = (stamps[-1] - stamps[0]) / (n - 1)
     decode = statistics.mean(d["timing_s"]["decode"] for d in docs if not d.get("error"))
     model = statistics.mean(d["timing_s"]["model"] for d in docs if not d.get("error"))
+    # CPU seconds per clip from line 10 to line n - ahead, of the main process (the model) and of the decoders
+    split = ({"main_cpu_s_per_clip": (cpu[cpu_to][0] - cpu[10][0]) / (cpu_to - 10),
+              "workers_cpu_s_per_clip": (cpu[cpu_to][1] - cpu[10][1]) / (cpu_to - 10),
+              "cpu_lines": [10, cpu_to]} if cpu_to in cpu and 10 in cpu else {})
     return {"workers": workers, "dtype": dtype, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
+            **split,
             "total_s": time.perf_counter() - t_start, "failed": failed,
             "in_worker_decode_s": decode, "model_s": model,
             "peak_rss_mib_at_10": rss[10][1] / 1024, "peak_rss_mib_at_n": rss[n][1] / 1024}
@@ -264,8 +300,10 @@ def main() -> None:
     manifest.write_text("".join(json.dumps({"video": str(p), "query": r["query"]}) + "\n"
                                 for p, r in zip(paths, rows)))
 
-    costs_of = {d: standalone_costs(paths[:30], d) for d in args.dtype}
-    from stgcli.batch import _cores
+    # all the clips: a few of them (long, noisy backgrounds at a low crf) cost several times the
+    # median to decode, so a subset misstates the mean the batch has to sustain
+    costs_of = {d: standalone_costs(paths, [r["query"] for r in rows], d) for d in args.dtype}
+    from stgcli.batch import _cores, clips_ahead
 
     cores = _cores()  # what stg batch itself counts (CPU affinity: a container's or taskset's share)
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
@@ -273,7 +311,8 @@ def main() -> None:
     # right before it, and every pairing is repeated: the ratio of a pair is what is compared.
     def paired(rep: int, workers: int, model: bool = True, dtype: str = "auto") -> dict:
         base, base_cpu = decord_baseline(paths, frames, size)
-        r = run_batch(manifest, args.n, workers, tmp, model=model, dtype=dtype)
+        r = run_batch(manifest, args.n, workers, tmp, model=model, dtype=dtype,
+                      ahead=workers + clips_ahead(frames, (size, size)) + 1)
         r.update(repeat=rep, decord_s_per_clip=base, decord_cpu_s_per_clip=base_cpu,
                  ratio=r["steady_s_per_clip"] / base)
         return r
@@ -319,11 +358,12 @@ def main() -> None:
                         f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
                         f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%)")
         own_decode, own_model, model_busy = costs_of[d]
-        floor = max(own_decode, own_model, (own_decode + own_model) / cores)
-        costs.append(f"CPU per clip, measured alone{flag or ' (float32)'}: stg decode {own_decode:.3f} s, model "
-                     f"{own_model:.3f} s (1 thread); on {cores} cores no schedule beats max(decode, model, "
-                     f"(decode + model) / cores) = {floor:.3f} s, a ratio of {floor / base:.2f} to the median decord "
-                     f"loop ({base:.3f} s). While another process decodes, the model takes {model_busy:.3f} CPU s "
+        floor = max(own_model, own_decode / min(best_w, cores), (own_decode + own_model) / cores)
+        costs.append(f"CPU per clip, measured alone{flag or ' (float32)'}: a decoding worker {own_decode:.3f} s, the "
+                     f"main process (preprocessing, prompt, model, result; torch on 1 thread) {own_model:.3f} s; with "
+                     f"--workers {best_w} on {cores} cores no schedule beats max(main, decode / workers, (decode + "
+                     f"main) / cores) = {floor:.3f} s, a ratio of {floor / base:.2f} to the median decord "
+                     f"loop ({base:.3f} s). While another process decodes, the main half takes {model_busy:.3f} CPU s "
                      f"per clip ({model_busy / own_model - 1:+.0%})"
                      + (": two busy cores slow each other here, so that floor is not reachable on this machine."
                         if model_busy > 1.1 * own_model else "."))
@@ -334,8 +374,16 @@ def main() -> None:
     costs += (f" With the model's forward taken out (an empty answer instead), the same pipeline (decode, "
               f"preprocess, results, fsynced lines) runs at a median ratio of {free_ratio:.2f}: what is left "
               "above that is the model's CPU time.")
+    def busy(r: dict) -> str:
+        if "main_cpu_s_per_clip" not in r:
+            return ""
+        main, dec = r["main_cpu_s_per_clip"], r["workers_cpu_s_per_clip"]
+        a, b = r["cpu_lines"]
+        return (f"; CPU per clip from line {a} to {b}: main process (model) {main:.3f} s, decoders {dec:.3f} s, "
+                f"{(main + dec) / r['steady_s_per_clip']:.2f} of {cores} cores busy")
+
     inside = "; ".join(f"{label(best)}: decode in a worker process {best['in_worker_decode_s']:.3f} s, model "
-                       f"{best['model_s']:.3f} s" for best in best_of.values())
+                       f"{best['model_s']:.3f} s{busy(best)}" for best in best_of.values())
     text = "\n".join(lines)
     print(text)
     print(costs)
@@ -349,7 +397,7 @@ def main() -> None:
            "repeat": args.repeat, "dtypes": args.dtype,
            "median_ratio": {f"{d} workers {w}": v for (d, w), v in medians.items()},
            "decord_s_per_clip_median": base, "decord_cpu_s_per_clip_median": base_cpu,
-           "standalone_cpu_s": {d: dict(zip(("decode", "model", "model_while_decoding"), c))
+           "standalone_cpu_s": {d: dict(zip(("decode_worker", "main", "main_while_decoding"), c))
                                 for d, c in costs_of.items()},
            "runs": runs, "runs_model_forward_taken_out": free, "cold_start": cold, "help_s": helps}
     (HERE / "results").mkdir(exist_ok=True)
