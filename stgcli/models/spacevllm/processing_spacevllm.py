@@ -104,14 +104,17 @@ class SpaceVLLMProcessor:
         if frames.shape[1:3] != (s, s):
             frames = np.stack([cv2.resize(f, (s, s), interpolation=cv2.INTER_AREA) for f in frames])
         # Normalised through a 256-entry table per channel: the same float32 arithmetic as
-        # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster).
+        # (x / 255 - mean) / std on every pixel, done once per possible value (6x faster), looked
+        # up by OpenCV a plane at a time (2.5x faster than numpy's fancy indexing: this runs in
+        # stg batch's one serial process).
         mean = np.asarray(self.settings.image_mean, np.float32)
         std = np.asarray(self.settings.image_std, np.float32)
         lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
-        planes = frames.transpose(0, 3, 1, 2)
-        out = np.empty(planes.shape, np.float32)
-        for c in range(planes.shape[1]):
-            out[:, c] = lut[c][planes[:, c]]
+        n, h, w, channels = frames.shape
+        out = np.empty((n, channels, h, w), np.float32)
+        for c in range(channels if n else 0):  # OpenCV refuses an empty image
+            plane = np.ascontiguousarray(frames[..., c]).reshape(n * h, w)
+            out[:, c] = cv2.LUT(plane, np.ascontiguousarray(lut[c]).reshape(1, 256)).reshape(n, h, w)
         return out
 
     # -- text ----------------------------------------------------------------------------------
