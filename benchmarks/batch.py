@@ -353,7 +353,7 @@ def main() -> None:
         best = best_of[d] = dict(min((r for r in runs if (r["dtype"], r["workers"]) == (d, best_w)),
                                      key=lambda r: abs(r["ratio"] - medians[(d, best_w)])), ratio=medians[(d, best_w)])
         flag = "" if d == "auto" else f" --dtype {d}"
-        verdicts.append(f"steady-state ratio {best['ratio']:.2f}, median over {args.repeat} paired run(s) of "
+        verdicts.append(f"steady-state ratio {best['ratio']:.3f}, median over {args.repeat} paired run(s) of "
                         f"--workers {best_w}{flag} ({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} "
                         f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
                         f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%)")
