@@ -10,8 +10,8 @@ once; per bias it prints m_tIoU, m_vIoU, vIoU@0.3/0.5 and the mean box IoU on th
 inside the true span (the boxes alone, whatever span was chosen), with the share of boxes that
 miss (IoU < 0.1) and that hit well (IoU > 0.5). Then, for the last setting (the boxes depend on the
 bias only through the span tube linking follows), the same box figures per query form and with /
-without a twin, with the mean IoU of the boxes that do not miss: a model can point more precisely
-yet at the wrong object more often.
+without a twin, with the mean IoU of the boxes that do not miss (a model can point more precisely
+yet at the wrong object more often), after that setting's m_tIoU / m_vIoU per group.
 `--refine-steps` sets how many passes a model's box refiner makes (its config's `box_refiner.steps`;
 0: the space decoder's boxes as they are). `--link-weight` / `--link-free` set tube linking (config
 `link_weight` / `link_free`; weight 0: off), every combination with every bias. Nothing is written.
@@ -66,10 +66,19 @@ def main() -> None:
               f"m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
               f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
+    def group_of(r: dict, g: str) -> bool:
+        return g in (r["form"], "twin" if r["has_twin"] else "no twin")
+
+    print("spans and tubes of the last setting by group:")
+    for g in ("plain", "moving", "still", "no twin", "twin"):
+        picked = [sc for r, sc in zip(rows, scores) if group_of(r, g)]
+        if picked:
+            t = summarize(picked)
+            print(f"  {g:8s} clips {len(picked):4d} | m_tIoU {t['m_tIoU']:.3f} m_vIoU {t['m_vIoU']:.3f} "
+                  f"vIoU@0.5 {t['vIoU@0.5']:.3f}")
     print("boxes on true-span frames by group:")
     for g in ("plain", "moving", "still", "no twin", "twin"):
-        x = np.asarray([v for r, vs in zip(rows, clip_ious) if g in (r["form"], "twin" if r["has_twin"] else "no twin")
-                        for v in vs])
+        x = np.asarray([v for r, vs in zip(rows, clip_ious) if group_of(r, g) for v in vs])
         if len(x):
             kept = x[x >= MISS_IOU]
             print(f"  {g:8s} n {len(x):4d} | box IoU {x.mean():.3f} miss {np.mean(x < MISS_IOU):.2f} "

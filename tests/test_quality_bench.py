@@ -31,7 +31,7 @@ def test_quality_on_independently_drawn_clips_and_where_boxes_land(tmp_path):
     assert wrong.returncode != 0 and "not what seed 4 draws" in wrong.stderr
 
 
-def test_tuning_scores_each_bias_and_breaks_boxes_down_by_group(tmp_path):
+def test_tuning_scores_each_bias_and_breaks_spans_and_boxes_down_by_group(tmp_path):
     clips = tmp_path / "clips"
     made = subprocess.run([sys.executable, "-m", "stgcli", "synth", str(clips), "--n", "3", "--seed", "5"],
                           capture_output=True, text=True, timeout=300)
@@ -51,3 +51,11 @@ def test_tuning_scores_each_bias_and_breaks_boxes_down_by_group(tmp_path):
     assert {r["form"] for r in rows} <= set(groups)
     assert sum(int(groups[g]) for g in ("twin", "no twin") if g in groups) == \
         sum(int(groups[f]) for f in ("plain", "moving", "still") if f in groups) > 0
+    # spans per group, for the last setting: every clip counted once per split, and a group of all
+    # the clips scores as the setting's own line
+    spans = {g: (int(n), float(t)) for g, n, t in
+             re.findall(r"^  (plain|moving|still|no twin|twin) +clips +(\d+) \| m_tIoU ([\d.]+)", done.stdout, re.M)}
+    assert sum(spans[g][0] for g in ("twin", "no twin") if g in spans) == len(rows) == \
+        sum(spans[f][0] for f in ("plain", "moving", "still") if f in spans)
+    whole = [g for g in spans if spans[g][0] == len(rows)]
+    assert all(abs(spans[g][1] - float(lines[-1][2])) < 1e-3 for g in whole)
