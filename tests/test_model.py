@@ -646,3 +646,45 @@ def test_temporal_presence_starts_as_the_model_it_is_added_to_and_sees_the_whole
     assert a.shape == (b, f) and abs(a[0, 0] - c[0, 0]).item() > 1e-4
     with pytest.raises(ValueError, match="unknown setting 'layer'"):
         TemporalPresence(8, 8, {"layer": 1})
+
+
+def test_temporal_presence_track_reads_the_box_and_its_motion_without_moving_the_boxes(small):
+    """With `track`, the temporal presence head also reads each frame's box and its centre's motion
+    (next minus previous frame): moving one frame's box changes presence (on every frame, the head
+    being bidirectional), and no gradient from presence reaches the boxes. Without it, boxes are
+    ignored.
+    The whole model runs with it, ground() included."""
+    from stgcli.models.spacevllm.modeling_spacevllm import TemporalPresence
+
+    torch.manual_seed(0)
+    b, f, d_llm, d = 1, 6, 32, 32
+    query_h, q = torch.randn(b, f, d_llm), torch.randn(b, f, d)
+    match, presence = torch.randn(b, f), torch.randn(b, f)
+    boxes = torch.rand(b, f, 4, requires_grad=True)
+    moved = boxes.detach().clone()
+    moved[0, 3, :2] += 0.2
+    tp = TemporalPresence(d_llm, d, {"layers": 1, "heads": 2, "track": True})
+    torch.nn.init.normal_(tp.out.weight)
+    out = tp(query_h, q, match, presence, boxes)
+    with torch.no_grad():
+        shifted = tp(query_h, q, match, presence, moved)
+    assert ((shifted - out).abs() > 1e-5).all()
+    out.sum().backward()
+    assert boxes.grad is None
+    plain = TemporalPresence(d_llm, d, {"layers": 1, "heads": 2})
+    with torch.no_grad():
+        torch.testing.assert_close(plain(query_h, q, match, presence, boxes), plain(query_h, q, match, presence, moved))
+
+    _, proc = small
+    cfg = small_cfg(model=dict(SMALL, temporal_presence={"layers": 1, "heads": 2, "track": True}))
+    model, _ = new_tiny_model(cfg, seed=1)
+    model.train()
+    batch = make_batch(cfg, proc, step=0)
+    res, _, _ = model.ground_forward(**batch)
+    res.loss.backward()
+    assert model.space_decoder.temporal.inp[1].weight.grad.abs().sum() > 0
+    model.eval()
+    args, _ = prompt_inputs(proc, step=1)
+    with torch.no_grad():
+        tokens, boxes_out, pres = model.ground(*args, max_new_tokens=5)
+    assert boxes_out.shape == (pres.shape[0], 4)

@@ -46,7 +46,8 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         refiner fits the box to the object in a crop of the frame at the model's input size.
     temporal_presence: a small bidirectional transformer over the frames that corrects each frame's
         presence logit with the whole clip in view (modeling's TemporalPresence): None, off, or a dict
-        of its settings (`layers`, `heads`; {} takes the defaults).
+        of its settings (`layers`, `heads`, `track`: also read each frame's box and its motion; {} takes
+        the defaults, without `track`).
     link_weight / link_free: tube linking at inference (0: off). The frames whose boxes are shown
         get one object, followed through the clip: the patch each frame points at is chosen jointly
         over the frames (Viterbi), each frame's pointing log-probability summed, less `link_weight`

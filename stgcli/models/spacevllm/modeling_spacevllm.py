@@ -172,31 +172,42 @@ class TemporalPresence(nn.Module):
     and which of two look-alikes the sentence means, or whether the target has left, is often clear
     only from later frames. A small bidirectional transformer over the frames reads each frame's
     query state, the decoder's query state, its best patch match and its presence logit, and adds a
-    correction to that logit. Added to a trained model (`stg train`'s init_from), its output layer
-    starts at zero, so it changes nothing until trained."""
+    correction to that logit. With the setting `track`, it also reads the decoder's box in each frame
+    and how its centre moves between neighbouring frames: the trajectory of what the decoder points at,
+    which says whether it moves as the sentence says (two look-alikes differ only in that). Added to a
+    trained model (`stg train`'s init_from), its output layer starts at zero, so it changes nothing
+    until trained."""
 
-    SETTINGS = ("layers", "heads")
+    SETTINGS = ("layers", "heads", "track")
+    N_TRACK = 6  # the box (cx, cy, w, h) and its centre's motion (next minus previous frame)
     N_FREQ = 8  # sin / cos of the frame's relative position at 8 frequencies
 
     def __init__(self, d_llm: int, d: int, spec: dict):
         super().__init__()
         _check_settings("temporal_presence", spec, self.SETTINGS)
-        n_in = d_llm + d + 2 + 2 * self.N_FREQ
+        self.track = bool(spec.get("track", False))
+        n_in = d_llm + d + 2 + 2 * self.N_FREQ + (self.N_TRACK if self.track else 0)
         self.inp = nn.Sequential(nn.LayerNorm(n_in), nn.Linear(n_in, d))
         self.layers = nn.ModuleList([
             nn.TransformerEncoderLayer(d, int(spec.get("heads", 4)), 4 * d, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True) for _ in range(int(spec.get("layers", 2)))])
         self.out = nn.Linear(d, 1)
 
-    def forward(self, query_h: torch.Tensor, q: torch.Tensor, match: torch.Tensor, presence: torch.Tensor
-                ) -> torch.Tensor:
-        """(B, F, D), (B, F, d), (B, F), (B, F) -> corrected presence logits (B, F)."""
+    def forward(self, query_h: torch.Tensor, q: torch.Tensor, match: torch.Tensor, presence: torch.Tensor,
+                boxes: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, F, D), (B, F, d), (B, F), (B, F), boxes (B, F, 4) cxcywh (read with `track`) ->
+        corrected presence logits (B, F)."""
         b, f = presence.shape
         rel = torch.linspace(0, 1, f, device=presence.device, dtype=q.dtype)
         freq = torch.arange(1, self.N_FREQ + 1, device=presence.device, dtype=q.dtype) * math.pi
         pos = torch.cat([torch.sin(rel[:, None] * freq), torch.cos(rel[:, None] * freq)], -1).expand(b, f, -1)
-        x = self.inp(torch.cat([query_h.to(q.dtype), q, match[..., None].to(q.dtype),
-                                presence[..., None].to(q.dtype), pos], -1))
+        parts = [query_h.to(q.dtype), q, match[..., None].to(q.dtype), presence[..., None].to(q.dtype), pos]
+        if self.track:
+            # detached: presence must not pull the boxes towards wherever its own loss is easiest
+            box = boxes.detach().to(q.dtype)
+            # the motion in tenths of the frame, the scale of the other inputs after the norm
+            parts += [box, 10 * _temporal_change(box[..., None, :2])[..., 0, :]]
+        x = self.inp(torch.cat(parts, -1))
         for layer in self.layers:
             x = layer(x)
         return presence + self.out(x).squeeze(-1).to(presence.dtype)
@@ -427,7 +438,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             text_pad.repeat_interleave(f, 0), change)
         if self.config.temporal_presence is not None:
             match = point_logits.max(-1).values.view(b, f)
-            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), match, presence.view(b, f))
+            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), match, presence.view(b, f),
+                                                   boxes.view(b, f, 4))
         boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
