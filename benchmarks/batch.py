@@ -374,6 +374,7 @@ def main() -> None:
     costs += (f" With the model's forward taken out (an empty answer instead), the same pipeline (decode, "
               f"preprocess, results, fsynced lines) runs at a median ratio of {free_ratio:.2f}: what is left "
               "above that is the model's CPU time.")
+
     def busy(r: dict) -> str:
         if "main_cpu_s_per_clip" not in r:
             return ""

@@ -66,6 +66,7 @@ def main() -> None:
               f"m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
               f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)
+
     def group_of(r: dict, g: str) -> bool:
         return g in (r["form"], "twin" if r["has_twin"] else "no twin")
 
