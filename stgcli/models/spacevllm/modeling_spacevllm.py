@@ -436,11 +436,10 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         boxes, presence, point_logits, patch_feats, dec_q = self.space_decoder(
             query_h.reshape(b * f, -1), patches.flatten(0, 1), text_h.repeat_interleave(f, 0),
             text_pad.repeat_interleave(f, 0), change)
+        boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
         if self.config.temporal_presence is not None:
             match = point_logits.max(-1).values.view(b, f)
-            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), match, presence.view(b, f),
-                                                   boxes.view(b, f, 4))
-        boxes, presence = boxes.view(b, f, 4), presence.view(b, f)
+            presence = self.space_decoder.temporal(query_h, dec_q.view(b, f, -1), match, presence, boxes)
         if decode_mask is None:
             decode_mask = torch.ones(b, f, dtype=torch.bool, device=hidden.device)
 

@@ -109,12 +109,13 @@ class SpaceVLLMProcessor:
         # stg batch's one serial process).
         mean = np.asarray(self.settings.image_mean, np.float32)
         std = np.asarray(self.settings.image_std, np.float32)
-        lut = ((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0) - mean) / std).T
+        lut = np.ascontiguousarray(((np.arange(256, dtype=np.float32)[:, None] * np.float32(1.0 / 255.0)
+                                     - mean) / std).T)  # (3, 256): row c is channel c's table
         n, h, w, channels = frames.shape
         out = np.empty((n, channels, h, w), np.float32)
         for c in range(channels if n else 0):  # OpenCV refuses an empty image
             plane = np.ascontiguousarray(frames[..., c]).reshape(n * h, w)
-            out[:, c] = cv2.LUT(plane, np.ascontiguousarray(lut[c]).reshape(1, 256)).reshape(n, h, w)
+            out[:, c] = cv2.LUT(plane, lut[c:c + 1]).reshape(n, h, w)
         return out
 
     # -- text ----------------------------------------------------------------------------------
