@@ -3,6 +3,7 @@
     stg synth /tmp/tune4242 --n 80 --seed 4242
     python benchmarks/tuning.py /tmp/tune4242 [--model DIR] [--bias 0 0.5 1.0] [--span-decoding joint|text]
                                               [--refine-steps N] [--link-weight 0 0.5] [--link-free 1]
+                                              [--verify-choose 0 1] [--verify-presence 0 1] [--verify-candidates 3]
 
 How `presence_bias` (the model config's inference-time shift of the presence logits) is chosen
 for a model before it ships: on clips other than the quality benchmark's. Each clip is decoded
@@ -14,7 +15,10 @@ without a twin, with the mean IoU of the boxes that do not miss (a model can poi
 yet at the wrong object more often), after that setting's m_tIoU / m_vIoU per group.
 `--refine-steps` sets how many passes a model's box refiner makes (its config's `box_refiner.steps`;
 0: the space decoder's boxes as they are). `--link-weight` / `--link-free` set tube linking (config
-`link_weight` / `link_free`; weight 0: off), every combination with every bias. Nothing is written.
+`link_weight` / `link_free`; weight 0: off), `--verify-choose` / `--verify-presence` how much a box
+verifier's verdicts move the boxes and the presence (its config's `box_verifier.choose` / `presence`;
+0: not at all) and `--verify-candidates` how many places per frame it is asked about, every
+combination with every bias. Nothing is written.
 """
 from __future__ import annotations
 
@@ -42,6 +46,12 @@ def main() -> None:
                     help="tube linking weights, 0: off (default: the model's config)")
     ap.add_argument("--link-free", type=float, nargs="+", default=None,
                     help="tube linking's free move in patches (default: the model's config)")
+    ap.add_argument("--verify-choose", type=float, nargs="+", default=None,
+                    help="weight of the box verifier's verdicts on where the box goes (default: the model's)")
+    ap.add_argument("--verify-presence", type=float, nargs="+", default=None,
+                    help="weight of the box verifier's verdict on each frame's presence (default: the model's)")
+    ap.add_argument("--verify-candidates", type=int, default=None,
+                    help="places per frame the box verifier is asked about (default: the model's)")
     args = ap.parse_args()
     rows = [json.loads(x) for x in (args.clips / "manifest.jsonl").read_text().splitlines()]
     m = load_model(args.model, device="cpu", span_decoding=args.span_decoding)
@@ -51,10 +61,19 @@ def main() -> None:
         m.model.space_decoder.refiner.steps = args.refine_steps
     preps = [prepare(m, args.clips / r["video"], r["query"], frames=args.frames) for r in rows]
     cfg = m.model.config
-    settings = [(b, w, f) for b in args.bias or [cfg.presence_bias] for w in args.link_weight or [cfg.link_weight]
-                for f in args.link_free or [cfg.link_free]]
-    for bias, weight, free in settings:
+    verifier = getattr(m.model.space_decoder, "verifier", None)
+    if verifier is None and (args.verify_choose or args.verify_presence or args.verify_candidates):
+        ap.error(f"{m.name} has no box verifier")
+    if args.verify_candidates:
+        verifier.candidates = args.verify_candidates
+    choose = args.verify_choose or [verifier.choose if verifier else 0.0]
+    vpres = args.verify_presence or [verifier.presence if verifier else 0.0]
+    settings = [(b, w, f, c, p) for b in args.bias or [cfg.presence_bias] for w in args.link_weight or [cfg.link_weight]
+                for f in args.link_free or [cfg.link_free] for c in choose for p in vpres]
+    for bias, weight, free, choose_w, presence_w in settings:
         cfg.presence_bias, cfg.link_weight, cfg.link_free = bias, weight, free
+        if verifier is not None:
+            verifier.choose, verifier.presence = choose_w, presence_w
         scores, clip_ious = [], []
         for r, prep in zip(rows, preps):
             text, boxes, presence, _ = run_model(m, prep, all_boxes=True)
@@ -62,7 +81,8 @@ def main() -> None:
             scores.append(score_sample(res, tuple(r["span_frames"]), {int(k): v for k, v in r["boxes"].items()}))
             clip_ious.append(true_span_box_ious(m, prep, boxes, r))
         s, iou = summarize(scores), np.concatenate([np.asarray(x, float) for x in clip_ious])
-        print(f"{m.name} bias {bias:+.1f} link {weight:g}/{free:g} ({args.span_decoding}): "
+        verify = f" verify {choose_w:g}/{presence_w:g}" if verifier is not None else ""
+        print(f"{m.name} bias {bias:+.1f} link {weight:g}/{free:g}{verify} ({args.span_decoding}): "
               f"m_tIoU {s['m_tIoU']:.3f} m_vIoU {s['m_vIoU']:.3f} "
               f"vIoU@0.3 {s['vIoU@0.3']:.3f} vIoU@0.5 {s['vIoU@0.5']:.3f} | box IoU {iou.mean():.3f} "
               f"miss {np.mean(iou < MISS_IOU):.2f} hit {np.mean(iou > 0.5):.2f}", flush=True)

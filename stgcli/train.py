@@ -53,7 +53,7 @@ class TrainConfig:
     shared_prob: float = 0.7        # share whose first distractor has the target's colour or shape
     model: dict = field(default_factory=dict)   # overrides of tiny_config fields
     init_from: str = ""             # a model folder whose weights start the run (an earlier leg); "": random
-    train_only: str | list = ""     # "box_refiner" / "temporal_presence" (or a list of both) / "space_decoder"
+    train_only: str | list = ""     # "box_refiner" / "temporal_presence" / "box_verifier" (or a list) / "space_decoder"
                                     # (all of it): train those parts alone, on the same batches, the rest frozen
 
     @property
@@ -138,7 +138,8 @@ class TrainConfig:
 
 # Parts a leg may train alone (`train_only`), by the config field that adds them, with their weights'
 # prefix; "" trains the whole model.
-PARTS = {"box_refiner": "space_decoder.refiner.", "temporal_presence": "space_decoder.temporal."}
+PARTS = {"box_refiner": "space_decoder.refiner.", "temporal_presence": "space_decoder.temporal.",
+         "box_verifier": "space_decoder.verifier."}
 # What `train_only` may name: those, or the whole space decoder (they included) on the frozen language
 # model's features, whose forward a step pays for anyway.
 TRAINABLE = {"space_decoder": "space_decoder.", **PARTS}
@@ -146,9 +147,9 @@ TRAIN_ONLY = ("", *TRAINABLE)
 
 
 def _part_class(field: str):
-    from .models.spacevllm.modeling_spacevllm import BoxRefiner, TemporalPresence
+    from .models.spacevllm.modeling_spacevllm import BoxRefiner, BoxVerifier, TemporalPresence
 
-    return {"box_refiner": BoxRefiner, "temporal_presence": TemporalPresence}[field]
+    return {"box_refiner": BoxRefiner, "temporal_presence": TemporalPresence, "box_verifier": BoxVerifier}[field]
 
 
 def _check_model_overrides(overrides: dict, where) -> None:
@@ -242,7 +243,7 @@ def init_weights(model, src: str | Path) -> None:
         if not name.startswith(ADDABLE):
             raise UserError(f"{src}: init_from model has no weight {name}; init_from needs the same model apart "
                             "from its input size and the optional motion_features / attr_classes / box_refiner / "
-                            "temporal_presence parts")
+                            "temporal_presence / box_verifier parts")
         weights[name] = torch.zeros_like(w) if name.startswith(ZERO_START) else w.clone()
     with torch.no_grad():
         model.load_state_dict(weights, strict=True)
@@ -317,7 +318,31 @@ def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainCo
     grid = processor.settings.image_size // processor.settings.patch_size
     return {"pixels": processor.preprocess_frames(frames), "prompt": prompt, "text_mask": text_mask,
             "answer": answer, "in_span": in_span, "boxes": np.clip(boxes, 0, 1), "spec": spec, "times": times,
-            "patch_labels": patch_labels(spec, times, grid)}
+            "patch_labels": patch_labels(spec, times, grid), **object_boxes(spec, times)}
+
+
+MAX_OBJECTS = 4  # the shapes world's most objects per clip
+
+
+def object_boxes(spec, times: np.ndarray) -> dict:
+    """Every object's normalised xyxy box (F, M, 4) and visibility (F, M) on the sampled frames, which
+    is the target (M,), and its colour, shape and motion classes (M, 3; 1-based, as patch_labels'),
+    padded to MAX_OBJECTS: the box verifier's positives and negatives."""
+    from .synth import COLOURS, MOTIONS, SHAPES
+
+    n = MAX_OBJECTS
+    boxes = np.zeros((len(times), n, 4), np.float32)
+    visible = np.zeros((len(times), n), bool)
+    target = np.zeros(n, bool)
+    target[spec.target] = True
+    attrs = np.zeros((n, 3), np.int64)
+    scale = np.array([spec.width, spec.height, spec.width, spec.height], np.float32)
+    for m, o in enumerate(spec.objects):
+        attrs[m] = (list(COLOURS).index(o.colour) + 1, SHAPES.index(o.shape) + 1, MOTIONS.index(o.motion) + 1)
+        for i, t in enumerate(times):
+            boxes[i, m] = np.clip(np.asarray(o.box(t), np.float32) / scale, 0, 1)
+            visible[i, m] = o.visible(t)
+    return {"obj_boxes": boxes, "obj_visible": visible, "obj_target": target, "obj_attrs": attrs}
 
 
 def collate(samples: list[dict], pad_id: int) -> dict:
@@ -341,7 +366,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
             "pixel_values_videos": torch.from_numpy(np.stack([s["pixels"] for s in samples])),
             "gt_boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])),
             "gt_in_span": torch.from_numpy(np.stack([s["in_span"] for s in samples])),
-            "patch_labels": torch.from_numpy(np.stack([s["patch_labels"] for s in samples]))}
+            "patch_labels": torch.from_numpy(np.stack([s["patch_labels"] for s in samples])),
+            **{k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("obj_boxes", "obj_visible", "obj_target", "obj_attrs")}}
 
 
 def make_batch(cfg: TrainConfig, processor, step: int) -> dict:
@@ -636,6 +662,8 @@ def _forward(model, cfg: TrainConfig, batch: dict, step: int):
         out.loss = out.loss - model.config.lm_weight * out.lm_loss
         return out
     losses = {}
+    if "box_verifier" in cfg.parts:
+        losses["verify_loss"] = model.verifier_loss_alone(**batch)
     if "temporal_presence" in cfg.parts:
         losses["presence_loss"] = model.ground_forward(**batch, box_losses=False)[0].presence_loss
     if "box_refiner" in cfg.parts:
@@ -685,7 +713,8 @@ def _after_step(cfg: TrainConfig, model, processor, opt, step: int, out, t0: flo
     elapsed = time.time() - t0
     rec = {"step": step + 1, "loss": round(out.loss.item(), 4)}
     for key, value in (("lm", out.lm_loss), ("box", out.box_loss), ("presence", out.presence_loss),
-                       ("point", out.point_loss), ("attr", out.attr_loss), ("refine", out.refine_loss)):
+                       ("point", out.point_loss), ("attr", out.attr_loss), ("refine", out.refine_loss),
+                       ("verify", out.verify_loss)):
         if value is not None:
             rec[key] = round(value.item(), 4)
     rec["elapsed_s"] = round(elapsed, 1)

@@ -1,6 +1,8 @@
 """SpaceVLLM model code: layout of inputs, forward/backward, inference, save/load, full-size shapes."""
 from __future__ import annotations
 
+import math
+
 import cv2
 import numpy as np
 import pytest
@@ -688,3 +690,170 @@ def test_temporal_presence_track_reads_the_box_and_its_motion_without_moving_the
     with torch.no_grad():
         tokens, boxes_out, pres = model.ground(*args, max_new_tokens=5)
     assert boxes_out.shape == (pres.shape[0], 4)
+
+
+VERIFIER = {"crop": 16, "channels": [8, 16], "candidates": 2}
+
+
+def test_box_verifier_reads_the_window_in_its_frame_and_the_neighbouring_frames():
+    """The verifier's verdict on a box depends on the pixels inside the window around it, in its
+    frame and the two neighbouring sampled frames (how the object moves), and on the sentence; not
+    on pixels outside the window, nor on farther frames."""
+    from stgcli.models.spacevllm.modeling_spacevllm import BoxVerifier
+
+    torch.manual_seed(0)
+    ver = BoxVerifier(32, VERIFIER).eval()
+    pixels = torch.randn(1, 6, 3, 64, 64)
+    box = torch.tensor([[0.3, 0.3, 0.1, 0.1]])  # window 0.25 wide: x and y in [0.175, 0.425]
+    sentence = torch.randn(1, 64)  # the model's _verifier_sentence: twice the language model's width
+
+    def verdict(pix, sent=sentence):
+        with torch.no_grad():
+            return ver(pix, torch.tensor([0]), torch.tensor([2]), box, sent)
+
+    base = verdict(pixels)
+    assert base.shape == (1,)
+    for frame, (y, x), changes in [(2, (20, 20), True), (1, (20, 20), True), (3, (20, 20), True),
+                                   (2, (55, 55), False), (5, (20, 20), False), (0, (20, 20), False)]:
+        pix = pixels.clone()
+        pix[0, frame, :, y - 2:y + 2, x - 2:x + 2] += 3.0
+        assert (abs(verdict(pix) - base).item() > 1e-5) == changes, (frame, y, x)
+    assert abs(verdict(pixels, torch.randn(1, 64)) - base).item() > 1e-5
+    with pytest.raises(ValueError, match="unknown setting 'candidate'"):
+        BoxVerifier(8, {"candidate": 2})
+
+
+def test_box_verifier_learns_the_target_against_every_other_object_and_its_empty_place(small, tmp_path):
+    """Training crops: the target on its span's frames is the positive; every other visible object
+    and the target's place on the frames outside its span are negatives; at most `max_crops` a step,
+    the target and the objects of its colour first. Its loss joins the model's and trains the
+    verifier, with `attributes` also naming each object crop's colour, shape and motion; the loss of
+    a leg that trains it alone, which reads the sentence from the text before the frames, is the
+    same. The part is saved and loaded with the model."""
+    _, proc = small
+    cfg = small_cfg(model=dict(SMALL, box_verifier=dict(VERIFIER, max_crops=1000, attributes=[5, 4, 6])))
+    torch.manual_seed(0)
+    model, _ = new_tiny_model(cfg, seed=0)
+    batch = make_batch(cfg, proc, step=0)
+    vis, tgt, span = batch["obj_visible"], batch["obj_target"], batch["gt_in_span"]
+    assert (tgt.sum(1) == 1).all()
+    torch.testing.assert_close(vis[tgt[:, None, :].expand_as(vis)].view(span.shape), span)
+    seen = []
+    ver = model.space_decoder.verifier
+    embed = ver.embed
+
+    def spy(pixels, clip, frame, boxes):
+        seen.append((clip.clone(), frame.clone()))
+        return embed(pixels, clip, frame, boxes)
+
+    ver.embed = spy
+    model.train()
+    out = model.ground_forward(**batch)[0]
+    assert len(seen[0][0]) == int(vis.sum() + (~span).sum())
+    torch.testing.assert_close(out.loss, out.lm_loss + out.box_loss + out.presence_loss + out.verify_loss)
+    out.loss.backward()
+    assert ver.features[0].weight.grad.abs().sum() > 0 and ver.attr_head.weight.grad.abs().sum() > 0
+    model.zero_grad()
+    model.eval()
+    sentences = []
+    loss_of = model.verifier_loss
+    model.verifier_loss = lambda pixels, sentence, *a: sentences.append(sentence) or loss_of(pixels, sentence, *a)
+    with torch.no_grad():
+        full = model.ground_forward(**batch)[0].verify_loss
+        alone = model.verifier_loss_alone(**batch)
+    del model.verifier_loss
+    torch.testing.assert_close(sentences[1], sentences[0], rtol=1e-4, atol=1e-5)  # read from the text alone
+    assert alone.item() > 0 and full.item() > 0
+    g = torch.Generator().manual_seed(3)
+
+    ver.max_crops = 3  # the target's crops and those of objects of its colour are kept first
+    seen.clear()
+    with torch.no_grad():
+        model.verifier_loss(batch["pixel_values_videos"], torch.zeros(len(span), 64), batch["obj_boxes"], vis, tgt,
+                            batch["gt_boxes"], span, batch["obj_attrs"], g)
+    clip, frame = seen[0]
+    b_obj, f_obj, m_obj = torch.nonzero(vis, as_tuple=True)
+    colour = batch["obj_attrs"][..., 0]
+    target_colour = colour[tgt]
+    hard = {(int(b), int(f)) for b, f, m in zip(b_obj, f_obj, m_obj) if colour[b, m] == target_colour[b]}
+    assert len(clip) == 3 and len(hard) >= 3 and all((int(b), int(f)) in hard for b, f in zip(clip, frame))
+
+    ver.max_crops = 1000
+    logits = torch.zeros(int(vis.sum() + (~span).sum()))
+    ver.match = lambda v, sentence: logits  # every verdict even: the BCE is log 2, plus the attributes' CE
+    with torch.no_grad():
+        got = model.verifier_loss(batch["pixel_values_videos"], torch.zeros(len(span), 64), batch["obj_boxes"], vis,
+                                  tgt, batch["gt_boxes"], span)
+    torch.testing.assert_close(got, torch.tensor(math.log(2)))
+    del ver.embed, ver.match
+
+    model.eval()
+    model.save_pretrained(tmp_path, safe_serialization=True)
+    back = SpaceVLLMForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert back.config.box_verifier == dict(VERIFIER, max_crops=1000, attributes=[5, 4, 6])
+    torch.testing.assert_close(back.space_decoder.verifier.head[-1].weight, ver.head[-1].weight)
+
+
+def test_ground_with_a_box_verifier_moves_presence_and_boxes_only_as_far_as_its_weights_say(small):
+    """`choose` and `presence` 0 (the defaults): the verifier is not asked and ground() is the model's
+    without it. `presence` w: every frame's presence logit gains w times the log-probability the
+    verifier gives the place chosen. `choose`: a place the verifier prefers wins the box over the
+    decoder's best-pointed one, re-centred there with its size kept."""
+    from stgcli.models.spacevllm.modeling_spacevllm import _local_softmax, _patch_centres, _peaks
+
+    _, proc = small
+    cfg = small_cfg(model=dict(SMALL, box_verifier=VERIFIER))
+    torch.manual_seed(0)
+    model, _ = new_tiny_model(cfg, seed=0)
+    model.eval()
+    ver, dec = model.space_decoder.verifier, model.space_decoder
+    args, _ = prompt_inputs(proc, step=1)
+    asked = []
+    forward = ver.forward
+
+    def spy(pixels, clip, frame, boxes, sentence):
+        asked.append(boxes.clone())
+        return forward(pixels, clip, frame, boxes, sentence)
+
+    ver.forward = spy
+    with torch.no_grad():
+        res = model.ground_forward(*args)[0]
+        tokens, boxes, presence = model.ground(*args, max_new_tokens=4)
+        assert not asked
+        torch.testing.assert_close(boxes, res.boxes[0])
+        torch.testing.assert_close(presence, torch.sigmoid(res.presence_logits[0] + model.config.presence_bias))
+
+        ver.forward = lambda pixels, clip, frame, boxes, sentence: torch.full((len(clip),), -3.0)
+        ver.presence = 0.5
+        _, boxes2, presence2 = model.ground(*args, max_new_tokens=4)
+        want = torch.sigmoid(res.presence_logits[0] + model.config.presence_bias
+                             + 0.5 * torch.nn.functional.logsigmoid(torch.tensor(-3.0)))
+        torch.testing.assert_close(presence2, want)
+        torch.testing.assert_close(boxes2, res.boxes[0])  # the same verdict everywhere moves no box
+
+        ver.presence, ver.choose = 0.0, 20.0
+        asked.clear()
+
+        def right(pixels, clip, frame, boxes, sentence):  # places in the right half match, the others do not
+            asked.append(boxes.clone())
+            return (boxes[:, 0] > 0.5).float() * 10 - 5
+
+        ver.forward = right
+        _, boxes3, presence3 = model.ground(*args, max_new_tokens=4)
+    torch.testing.assert_close(presence3, presence)
+    cand = asked[0].view(-1, 2, 4)
+    point = res.point_logits[0]
+    peaks = _peaks(point, dec.grid, 2, dec.window)
+    assert torch.equal(peaks[:, 0], point.argmax(-1))
+    torch.testing.assert_close(cand[:, 0], res.boxes[0])
+    for f in range(len(cand)):
+        own_right, other_right = bool(cand[f, 0, 0] > 0.5), bool(cand[f, 1, 0] > 0.5)
+        if own_right or not other_right:
+            torch.testing.assert_close(boxes3[f], res.boxes[0][f])
+        else:  # the other place wins: re-centred there, the decoder's size kept
+            c = _local_softmax(point[f:f + 1].float(), dec.grid, dec.window, peaks[f:f + 1, 1:]) @ _patch_centres(
+                dec.grid, "cpu", torch.float32, dec.cover)
+            torch.testing.assert_close(boxes3[f, :2], c[0])
+            torch.testing.assert_close(boxes3[f, 2:], res.boxes[0][f, 2:])
+    assert any(bool(cand[f, 1, 0] > 0.5) and not bool(cand[f, 0, 0] > 0.5) for f in range(len(cand))), \
+        "the test clip should have a frame where the verifier overrules the decoder"

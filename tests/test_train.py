@@ -513,6 +513,40 @@ def test_a_temporal_presence_leg_trains_that_part_alone(tmp_path, leg1):
     assert set(log[0]) == {"step", "loss", "presence", "elapsed_s"} and log[0]["loss"] == log[0]["presence"]
 
 
+def test_a_box_verifier_leg_trains_that_part_alone(tmp_path, leg1):
+    """train_only = "box_verifier": the frozen model runs forward (the verifier reads the language
+    model's sentence states), the part learns from its own loss alone from every object of the
+    drawn clips; every other weight stays as it was, and the log holds that loss only."""
+    from tests.test_model import SMALL, VERIFIER
+
+    before, after, log = _part_leg(leg1, tmp_path / "v", train_only="box_verifier",
+                                   model=dict(SMALL, box_verifier=VERIFIER), steps=4, lr=3e-3)
+    for k in before:
+        assert torch.equal(before[k], after[k]), k
+    new = sorted(set(after) - set(before))
+    assert new and all(k.startswith("space_decoder.verifier.") for k in new)
+    assert set(log[0]) == {"step", "loss", "verify", "elapsed_s"} and log[0]["loss"] == log[0]["verify"]
+
+
+def test_object_boxes_are_every_object_of_the_clip_on_the_sampled_frames():
+    """The verifier's training targets: each object's box on each sampled frame (normalised, in the
+    frame), visible while the spec says so, the target flagged, padded to MAX_OBJECTS."""
+    from stgcli.synth import sample_clip
+    from stgcli.train import MAX_OBJECTS, object_boxes
+
+    spec = sample_clip(np.random.default_rng(5))
+    times = np.linspace(0, spec.duration, 7)
+    got = object_boxes(spec, times)
+    assert got["obj_boxes"].shape == (7, MAX_OBJECTS, 4) and got["obj_target"].sum() == 1
+    assert got["obj_target"][spec.target]
+    for m, o in enumerate(spec.objects):
+        for i, t in enumerate(times):
+            assert got["obj_visible"][i, m] == o.visible(t)
+            want = np.clip(np.array(o.box(t)) / [spec.width, spec.height, spec.width, spec.height], 0, 1)
+            np.testing.assert_allclose(got["obj_boxes"][i, m], want, rtol=1e-5)
+    assert not got["obj_visible"][:, len(spec.objects):].any()
+
+
 def test_two_parts_train_together_on_the_same_batches(tmp_path, leg1):
     """train_only = [both parts]: each learns from its own loss on the same batches, the loss is their
     sum, every other weight stays as it was; and the refiner ends exactly where a refiner-only leg with

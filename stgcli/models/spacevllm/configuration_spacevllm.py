@@ -48,6 +48,10 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         presence logit with the whole clip in view (modeling's TemporalPresence): None, off, or a dict
         of its settings (`layers`, `heads`, `track`: also read each frame's box and its motion; {} takes
         the defaults, without `track`).
+    box_verifier: a check of candidate boxes against the sentence, on the pixels of the frame and its
+        neighbours (modeling's BoxVerifier): None, off, or a dict of its settings (`crop`, `context`,
+        `min_window`, `channels`, `candidates`, `choose`, `presence`, `max_crops`; {} takes the
+        defaults, which leave the boxes and presence as they were until `choose` / `presence` are set).
     link_weight / link_free: tube linking at inference (0: off). The frames whose boxes are shown
         get one object, followed through the clip: the patch each frame points at is chosen jointly
         over the frames (Viterbi), each frame's pointing log-probability summed, less `link_weight`
@@ -81,6 +85,7 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
     attr_weight: float = 0.0
     box_refiner: dict | None = None
     temporal_presence: dict | None = None
+    box_verifier: dict | None = None
     link_weight: float = 0.0
     link_free: float = 1.0
 

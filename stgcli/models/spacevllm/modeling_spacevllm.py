@@ -53,6 +53,7 @@ class SpaceVLLMOutput(ModelOutput):
     presence_loss: torch.Tensor | None = None
     point_loss: torch.Tensor | None = None
     refine_loss: torch.Tensor | None = None
+    verify_loss: torch.Tensor | None = None
     attr_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
@@ -109,6 +110,8 @@ class SpaceDecoder(nn.Module):
             self.refiner = BoxRefiner(config.box_refiner)
         if config.temporal_presence is not None:
             self.temporal = TemporalPresence(d_llm, d, config.temporal_presence)
+        if config.box_verifier is not None:
+            self.verifier = BoxVerifier(d_llm, config.box_verifier)
 
     def forward(self, query_h: torch.Tensor, visual: torch.Tensor, text_h: torch.Tensor,
                 text_pad_mask: torch.Tensor | None, change: torch.Tensor | None = None
@@ -142,18 +145,21 @@ class SpaceDecoder(nn.Module):
             logits.max(-1, keepdim=True).values).squeeze(-1)
         return torch.cat([cxcy, wh], -1), presence, logits, patch_features, q
 
-    def relink(self, boxes: torch.Tensor, logits: torch.Tensor, weight: float, free: float) -> torch.Tensor:
+    def relink(self, boxes: torch.Tensor, logits: torch.Tensor, weight: float, free: float,
+               centre_logits: torch.Tensor | None = None) -> torch.Tensor:
         """Boxes (T, 4) cxcywh of consecutive shown frames, their pointing scores (T, P) -> the boxes
         of one object followed through them (`link_track`). A frame whose linked patch lies outside
         the window its centre was taken from (`point_window`) is re-centred there by the same local
         soft-argmax, without the regressed offset, which was the other object's; its size stays
-        (a box refiner then fits it)."""
+        (a box refiner then fits it). `centre_logits`: the pointing scores that soft-argmax reads
+        when `logits` are others (a box verifier's adjusted ones); default `logits`."""
         radius = self.window if self.window >= 0 else 1
         path = link_track(logits, self.grid, weight, free)
         moved = _grid_distance(path, logits.argmax(-1), self.grid) > radius
         if not bool(moved.any()):
             return boxes
-        attn = _local_softmax(logits[moved].float(), self.grid, radius, path[moved, None])
+        centre_logits = logits if centre_logits is None else centre_logits
+        attn = _local_softmax(centre_logits[moved].float(), self.grid, radius, path[moved, None])
         boxes = boxes.clone()
         boxes[moved, :2] = (attn @ _patch_centres(self.grid, attn.device, attn.dtype, self.cover)).to(boxes.dtype)
         return boxes
@@ -247,13 +253,8 @@ class BoxRefiner(nn.Module):
         return torch.cat([boxes[:, :2], wh], -1)
 
     def crops(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-        """(N, 3, S, S) frames, (N, 4) cxcywh windows -> (N, 3, crop, crop), bilinear (the edge
-        pixels repeat outside the frame)."""
-        theta = torch.zeros(len(windows), 2, 3, dtype=pixels.dtype, device=pixels.device)
-        theta[:, 0, 0], theta[:, 1, 1] = windows[:, 2], windows[:, 3]
-        theta[:, 0, 2], theta[:, 1, 2] = windows[:, 0] * 2 - 1, windows[:, 1] * 2 - 1
-        grid = F.affine_grid(theta, [len(windows), 3, self.crop, self.crop], align_corners=False)
-        return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        """(N, 3, S, S) frames, (N, 4) cxcywh windows -> (N, 3, crop, crop) (see crop_windows)."""
+        return crop_windows(pixels, windows, self.crop)
 
     def forward(self, pixels: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """pixels (N, 3, S, S), boxes (N, 4) normalised cxcywh -> refined boxes (N, 4)."""
@@ -268,6 +269,110 @@ class BoxRefiner(nn.Module):
         for _ in range(self.steps):
             boxes = self(pixels, boxes)
         return boxes
+
+
+def crop_windows(pixels: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, C, S, S) frames, (N, 4) normalised cxcywh windows -> (N, C, size, size), bilinear (the
+    edge pixels repeat outside the frame)."""
+    theta = torch.zeros(len(windows), 2, 3, dtype=pixels.dtype, device=pixels.device)
+    theta[:, 0, 0], theta[:, 1, 1] = windows[:, 2], windows[:, 3]
+    theta[:, 0, 2], theta[:, 1, 2] = windows[:, 0] * 2 - 1, windows[:, 1] * 2 - 1
+    grid = F.affine_grid(theta, [len(windows), pixels.shape[1], size, size], align_corners=False)
+    return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+class BoxVerifier(nn.Module):
+    """A check of each candidate box against the sentence (config `box_verifier`, an addition to the
+    paper's decoder). The space decoder reads 16-pixel patches that the vision tower has pooled
+    with their surroundings; on the shapes world it tells colours apart but hardly shapes, so a
+    red square in view makes it say "the red circle is here" (70% of such frames of a tuning set
+    while the circle is absent) and box the square on a third of the frames where both are. This
+    looks at the pixels: the window around a box (`context` times it, resampled to `crop` x
+    `crop`) in the frame and in its two neighbouring sampled frames, so it also sees which way
+    the object moves, through a small CNN, and scores whether what it holds is what the sentence
+    (the language model's states of its words, averaged) describes.
+
+    At inference the pipeline asks it about the `candidates` best-pointed places of every frame:
+    the pointing scores of each place gain `choose` times the log-probability it gives them, so a
+    better-matching object can win the box, and each frame's presence logit gains `presence` times
+    that of the place chosen, so a frame where no place matches is scored absent. Both are
+    calibrations chosen on tuning clips, as `presence_bias` is. Trained from true boxes (jittered
+    like the refiner's): the target's in its span are positives, every other object's and the
+    target's empty place outside its span negatives, at most `max_crops` of them a step. Left to that
+    loss alone it learns colour (one look) and not shape or motion, as the decoder did; `attributes`
+    (class counts, "none" included, e.g. [5, 4, 6] for the shapes world's colour, shape and motion)
+    adds a head that names each object crop's attributes, training only: a CNN taught shapes that
+    way tells them apart within a few hundred steps."""
+
+    SETTINGS = ("crop", "context", "min_window", "channels", "candidates", "choose", "presence", "max_crops",
+                "attributes")
+
+    def __init__(self, d_llm: int, spec: dict):
+        super().__init__()
+        _check_settings("box_verifier", spec, self.SETTINGS)
+        self.crop = int(spec.get("crop", 32))
+        self.context = float(spec.get("context", 2.5))
+        self.min_window = float(spec.get("min_window", 0.08))
+        self.candidates = int(spec.get("candidates", 3))
+        self.choose = float(spec.get("choose", 0.0))
+        self.presence = float(spec.get("presence", 0.0))
+        self.max_crops = int(spec.get("max_crops", 192))
+        chans = [9, *spec.get("channels", (24, 48, 64, 96))]  # three frames' RGB
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.GELU()]
+        self.features = nn.Sequential(*layers)
+        side = self.crop // 2 ** (len(chans) - 2)
+        d = 128
+        self.visual = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * side * side, d), nn.GELU())
+        self.text = nn.Sequential(nn.LayerNorm(2 * d_llm), nn.Linear(2 * d_llm, d))
+        self.head = nn.Sequential(nn.Linear(3 * d, d), nn.GELU(), nn.Linear(d, 1))
+        self.attributes = [int(k) for k in spec.get("attributes") or ()]
+        if self.attributes:
+            self.attr_head = nn.Linear(d, sum(self.attributes))
+
+    def windows(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(N, 4) cxcywh -> the (N, 4) cxcywh windows it looks through."""
+        wh = (boxes[:, 2:] * self.context).clamp(self.min_window, 1.0)
+        return torch.cat([boxes[:, :2], wh], -1)
+
+    def forward(self, pixels: torch.Tensor, clip: torch.Tensor, frame: torch.Tensor, boxes: torch.Tensor,
+                sentence: torch.Tensor) -> torch.Tensor:
+        """pixels (B, F, 3, S, S); clip, frame (N,) where each box is; boxes (N, 4) normalised cxcywh;
+        sentence (N, 2 D) (the model's `_verifier_sentence`) -> (N,) logits that the box holds the
+        described object."""
+        return self.match(self.embed(pixels, clip, frame, boxes), sentence)
+
+    def embed(self, pixels: torch.Tensor, clip: torch.Tensor, frame: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """What the windows hold (see forward): (N, d)."""
+        win = self.windows(boxes.detach())
+        last = pixels.shape[1] - 1
+        views = [crop_windows(pixels[clip, (frame + k).clamp(0, last)], win, self.crop) for k in (-1, 0, 1)]
+        return self.visual(self.features(torch.cat(views, 1)))
+
+    def match(self, v: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
+        """Windows' embeddings (N, d), sentences (N, 2 D) -> (N,) match logits."""
+        t = self.text(sentence.to(v.dtype))
+        return self.head(torch.cat([v, t, v * t], -1)).squeeze(-1)
+
+
+def _masked_mean(x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """(B, L, D), (B, L) bool -> (B, D), the mean over the kept positions (zero where none is)."""
+    k = keep.to(x.dtype)[..., None]
+    return (x * k).sum(1) / k.sum(1).clamp(min=1)
+
+
+def _peaks(logits: torch.Tensor, grid: int, k: int, radius: int) -> torch.Tensor:
+    """(F, P) pointing scores -> (F, k) patches: the best, then the best outside `radius` of those
+    taken (one object, about a patch or two across, leaves a few high patches)."""
+    idx = torch.arange(grid * grid, device=logits.device)
+    x = logits.float().clone()
+    out = []
+    for _ in range(k):
+        best = x.argmax(-1)
+        out.append(best)
+        x = x.masked_fill(_grid_distance(idx[None], best[:, None], grid) <= radius, float("-inf"))
+    return torch.stack(out, -1)
 
 
 def jitter_boxes(gt_xyxy: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -411,13 +516,17 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                        pixel_values_videos: torch.Tensor, text_mask: torch.Tensor,
                        labels: torch.Tensor | None = None, gt_boxes: torch.Tensor | None = None,
                        gt_in_span: torch.Tensor | None = None, decode_mask: torch.Tensor | None = None,
-                       patch_labels: torch.Tensor | None = None, use_cache: bool = False, box_losses: bool = True):
+                       patch_labels: torch.Tensor | None = None, obj_boxes: torch.Tensor | None = None,
+                       obj_visible: torch.Tensor | None = None, obj_target: torch.Tensor | None = None,
+                       obj_attrs: torch.Tensor | None = None, use_cache: bool = False, box_losses: bool = True):
         """One pass over prompt (+ answer when training).
 
         input_ids/attention_mask (B, L); pixel_values_videos (B, F, 3, S, S); text_mask (B, L) marks the
         sentence's tokens; labels (B, L) with -100 outside the answer; gt_boxes (B, F, 4) normalised
         xyxy; gt_in_span (B, F) bool; decode_mask (B, F) bool: in-span frames that carry a box loss
         (default all); patch_labels (B, F, P, A) attribute classes per patch (`attr_classes`);
+        obj_boxes (B, F, M, 4) normalised xyxy, obj_visible (B, F, M), obj_target (B, M) and obj_attrs
+        (B, M, A) classes: every object of the clip, for a box verifier's loss (without them it has none);
         box_losses=False leaves out the box and refiner losses (a leg that trains presence alone).
         Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh and presence logits
         (B, F), past_key_values or None, last hidden states).
@@ -472,6 +581,12 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             if self.config.box_refiner is not None and box_losses and gt_in_span.any():
                 result.refine_loss = self.refiner_loss(pixel_values_videos, gt_boxes, gt_in_span)
                 result.loss = result.loss + result.refine_loss
+            if self.config.box_verifier is not None and box_losses and obj_boxes is not None:
+                result.verify_loss = self.verifier_loss(pixel_values_videos,
+                                                        self._verifier_sentence(input_ids, hidden, text_mask),
+                                                        obj_boxes, obj_visible, obj_target, gt_boxes, gt_in_span,
+                                                        obj_attrs)
+                result.loss = result.loss + result.verify_loss
             if mid:
                 # hidden_states[0] is the embedding output, so index `mid` is the output of layer `mid`.
                 mid_h = self.model.language_model.norm(out.hidden_states[mid][qmask])
@@ -492,6 +607,47 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         pb = _cxcywh_to_xyxy(refiner(pix, jitter_boxes(gt, generator).to(pix.dtype)).float())
         return self._box_loss(pb, gt)
 
+    def verifier_loss(self, pixel_values_videos: torch.Tensor, sentence: torch.Tensor, obj_boxes: torch.Tensor,
+                      obj_visible: torch.Tensor, obj_target: torch.Tensor, gt_boxes: torch.Tensor,
+                      gt_in_span: torch.Tensor, obj_attrs: torch.Tensor | None = None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+        """The box verifier's BCE: the target in its span is what the sentence describes; every other
+        visible object (look-alikes included) and the target's empty place outside its span are not.
+        Each box is jittered as the space decoder's boxes err; at most `max_crops` crops a step. With
+        the verifier's `attributes` and `obj_attrs` (B, M, A), plus the mean cross-entropy of naming
+        each object crop's attributes."""
+        verifier = self.space_decoder.verifier
+        b_obj, f_obj, m_obj = torch.nonzero(obj_visible, as_tuple=True)
+        b_out, f_out = torch.nonzero(~gt_in_span, as_tuple=True)
+        clip = torch.cat([b_obj, b_out])
+        frame = torch.cat([f_obj, f_out])
+        xyxy = torch.cat([obj_boxes[b_obj, f_obj, m_obj], gt_boxes[b_out, f_out]]).float()
+        label = torch.cat([obj_target[b_obj, m_obj], torch.zeros_like(b_out, dtype=torch.bool)]).float()
+        attrs = None
+        if verifier.attributes and obj_attrs is not None:  # the empty places name nothing (-100: ignored)
+            attrs = torch.cat([obj_attrs[b_obj, m_obj], obj_attrs.new_full((len(b_out), obj_attrs.shape[-1]), -100)])
+        if len(label) > verifier.max_crops:
+            # The target and the objects of its colour first (what it must tell apart), then the rest at random.
+            target_colour = (obj_attrs[b_obj] * obj_target[b_obj, :, None]).sum(1)[:, 0] if obj_attrs is not None \
+                else None
+            hard = torch.cat([obj_attrs[b_obj, m_obj, 0] == target_colour if target_colour is not None
+                              else obj_target[b_obj, m_obj], torch.zeros_like(b_out, dtype=torch.bool)])
+            order = torch.rand(len(label), generator=generator).to(label.device) + hard.float()
+            keep = order.topk(verifier.max_crops).indices
+            clip, frame, xyxy, label = clip[keep], frame[keep], xyxy[keep], label[keep]
+            attrs = attrs[keep] if attrs is not None else None
+        boxes = jitter_boxes(xyxy, generator).to(pixel_values_videos.dtype)
+        v = verifier.embed(pixel_values_videos, clip, frame, boxes)
+        loss = F.binary_cross_entropy_with_logits(verifier.match(v, sentence[clip]).float(), label)
+        if attrs is not None:
+            logits, start, losses = verifier.attr_head(v).float(), 0, []
+            for a, k in enumerate(verifier.attributes):
+                if (attrs[:, a] >= 0).any():
+                    losses.append(F.cross_entropy(logits[:, start:start + k], attrs[:, a], ignore_index=-100))
+                start += k
+            loss = loss + torch.stack(losses).mean() if losses else loss
+        return loss
+
     def _box_loss(self, pred_xyxy: torch.Tensor, gt_xyxy: torch.Tensor) -> torch.Tensor:
         """The boxes' loss, the space decoder's and the refiner's: weighted L1 + GIoU on xyxy."""
         return (self.config.box_l1_weight * F.l1_loss(pred_xyxy, gt_xyxy)
@@ -509,6 +665,29 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             losses.append(F.cross_entropy(logits[:, start:start + k], labels[:, a], weight=weight))
             start += k
         return torch.stack(losses).mean()
+
+    def _verifier_sentence(self, input_ids: torch.Tensor, hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+        """What the box verifier reads of the sentence (B, 2D): the mean of its words' last hidden states
+        and of their input embeddings. The embeddings name each word plainly; the last layer's states,
+        shaped to predict the next token, carry its identity less directly."""
+        words = self.model.language_model.embed_tokens(input_ids)
+        return torch.cat([_masked_mean(hidden, text_mask), _masked_mean(words.to(hidden.dtype), text_mask)], -1)
+
+    def verifier_loss_alone(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_mask: torch.Tensor,
+                            pixel_values_videos: torch.Tensor, gt_boxes: torch.Tensor, gt_in_span: torch.Tensor,
+                            obj_boxes: torch.Tensor, obj_visible: torch.Tensor, obj_target: torch.Tensor,
+                            obj_attrs: torch.Tensor | None = None, **_unused) -> torch.Tensor:
+        """The box verifier's loss without the rest of the model (a leg that trains it alone): the
+        prompt puts the sentence before the frames and the language model attends causally, so the
+        sentence's states come from the text before the first frame alone, without the vision tower
+        and at a fraction of the cost."""
+        n = int(text_mask.long().cumsum(1).argmax(1).max()) + 1  # through the longest sentence's last word
+        with torch.no_grad():
+            hidden = self.model.language_model(input_ids=input_ids[:, :n], attention_mask=attention_mask[:, :n],
+                                               use_cache=False).last_hidden_state
+            sentence = self._verifier_sentence(input_ids[:, :n], hidden, text_mask[:, :n])
+        return self.verifier_loss(pixel_values_videos, sentence, obj_boxes, obj_visible, obj_target, gt_boxes,
+                                  gt_in_span, obj_attrs)
 
     @staticmethod
     def _sentence_states(hidden: torch.Tensor, text_mask: torch.Tensor):
@@ -550,20 +729,61 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
-        presence = torch.sigmoid(res.presence_logits[0] + self.config.presence_bias)
+        presence, boxes, point = res.presence_logits[0], res.boxes[0].clone(), res.point_logits[0]
+        verifier = getattr(self.space_decoder, "verifier", None)
+        if verifier is not None and (verifier.choose or verifier.presence):
+            sentence = self._verifier_sentence(input_ids, hidden, text_mask)
+            point, presence, boxes = self._verify(pixel_values_videos, sentence, point, presence, boxes)
+        presence = torch.sigmoid(presence + self.config.presence_bias)
         tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
                               answer_candidates)
-        boxes = res.boxes[0].clone()
         shown = torch.ones(len(boxes), dtype=torch.bool) if box_frames is None else torch.as_tensor(
             box_frames(tokens), dtype=torch.bool)
         shown = shown.to(boxes.device)
         if self.config.link_weight > 0 and bool(shown.any()):
-            boxes[shown] = self.space_decoder.relink(boxes[shown], res.point_logits[0][shown],
-                                                     self.config.link_weight, self.config.link_free)
+            boxes[shown] = self.space_decoder.relink(boxes[shown], point[shown], self.config.link_weight,
+                                                     self.config.link_free, res.point_logits[0][shown])
         refine = torch.ones_like(shown) if refine_all else shown
         if self.config.box_refiner is not None and bool(refine.any()):
             boxes[refine] = self.space_decoder.refiner.refine(pixel_values_videos[0][refine], boxes[refine])
         return tokens, boxes, presence
+
+    def _verify(self, pixels: torch.Tensor, sentence: torch.Tensor, point: torch.Tensor, presence: torch.Tensor,
+                boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The box verifier's say (see BoxVerifier), for one clip: pixels (1, F, 3, S, S), sentence (1, D),
+        pointing scores (F, P), presence logits (F,), boxes (F, 4) -> the pointing scores with each
+        place's verdict (a log-probability) added `choose` times, the presence logits with the chosen place's added
+        `presence` times, and the boxes, re-centred (size kept) on frames where another place wins."""
+        dec = self.space_decoder
+        ver, grid = dec.verifier, dec.grid
+        radius = dec.window if dec.window >= 0 else 1
+        f = len(point)
+        peaks = _peaks(point, grid, ver.candidates, radius)  # (F, K), the decoder's own best first
+        k = peaks.shape[1]
+        centres = _patch_centres(grid, point.device, torch.float32, dec.cover)
+        cand = boxes[:, None].repeat(1, k, 1)  # the decoder's box, and its size at the other places
+        if k > 1:
+            attn = _local_softmax(point.float().repeat_interleave(k - 1, 0), grid, radius, peaks[:, 1:].reshape(-1, 1))
+            cand[:, 1:, :2] = (attn @ centres).view(f, k - 1, 2).to(cand.dtype)
+        frame = torch.arange(f, device=point.device).repeat_interleave(k)
+        verdict = F.logsigmoid(ver(pixels, torch.zeros_like(frame), frame, cand.view(-1, 4),
+                                   sentence.expand(f * k, -1)).float()).view(f, k)
+        # Each patch takes the verdict of the candidate it lies near (the best-pointed one where two
+        # are near), a patch near none the frame's worst: an unasked place is no better than a refused one.
+        near = _grid_distance(torch.arange(grid * grid, device=point.device)[None, None], peaks[..., None], grid) <= radius
+        penalty = verdict.min(-1, keepdim=True).values.expand(f, grid * grid)
+        for j in reversed(range(k)):
+            penalty = torch.where(near[:, j], verdict[:, j:j + 1], penalty)
+        # Less the frame's best verdict: the places it trusts most keep their scores exactly (a constant
+        # per frame changes neither the frame's choice nor tube linking's, which normalises each frame).
+        adjusted = point.float() + ver.choose * (penalty - penalty.max(-1, keepdim=True).values)
+        best = adjusted.argmax(-1)
+        moved = _grid_distance(best, point.argmax(-1), grid) > radius
+        if bool(moved.any()):
+            attn = _local_softmax(point[moved].float(), grid, radius, best[moved, None])
+            boxes[moved, :2] = (attn @ centres).to(boxes.dtype)
+        presence = presence + ver.presence * penalty.gather(-1, best[:, None])[:, 0].to(presence.dtype)
+        return adjusted, presence, boxes
 
     def _answer(self, res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
                 answer_candidates) -> list[int]:
