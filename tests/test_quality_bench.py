@@ -39,7 +39,8 @@ def test_tuning_scores_each_bias_and_breaks_spans_and_boxes_down_by_group(tmp_pa
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "tuning.py"), str(clips), "--bias", "0", "1",
                            "--link-weight", "0", "0.5"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    lines = re.findall(r"bias ([+-][\d.]+) link ([\d.]+)/1 \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*"
+    # the built-in model's box verifier at its config's weights (choose / presence) on every line
+    lines = re.findall(r"bias ([+-][\d.]+) link ([\d.]+)/1 verify 10/2 \(joint\): m_tIoU ([\d.]+) m_vIoU ([\d.]+) .*"
                        r"\| box IoU ([\d.]+)", done.stdout)
     assert [(b, w) for b, w, *_ in lines] == [("+0.0", "0"), ("+0.0", "0.5"), ("+1.0", "0"), ("+1.0", "0.5")]
     assert all(0 <= float(v) <= 1 for _, _, *vals in lines for v in vals)
