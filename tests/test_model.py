@@ -719,6 +719,12 @@ def test_box_verifier_reads_the_window_in_its_frame_and_the_neighbouring_frames(
         pix[0, frame, :, y - 2:y + 2, x - 2:x + 2] += 3.0
         assert (abs(verdict(pix) - base).item() > 1e-5) == changes, (frame, y, x)
     assert abs(verdict(pixels, torch.randn(1, 64)) - base).item() > 1e-5
+    # inference's way, every place of every frame at once, gives what asking about each does
+    places = torch.rand(6, 3, 4) * 0.5 + 0.1
+    frame = torch.arange(6).repeat_interleave(3)
+    with torch.no_grad():
+        one_by_one = ver.embed(pixels, torch.zeros_like(frame), frame, places.view(-1, 4))
+        torch.testing.assert_close(ver.embed_places(pixels[0], places), one_by_one)
     with pytest.raises(ValueError, match="unknown setting 'candidate'"):
         BoxVerifier(8, {"candidate": 2})
 
@@ -809,13 +815,12 @@ def test_ground_with_a_box_verifier_moves_presence_and_boxes_only_as_far_as_its_
     ver, dec = model.space_decoder.verifier, model.space_decoder
     args, _ = prompt_inputs(proc, step=1)
     asked = []
-    forward = ver.forward
 
-    def spy(pixels, clip, frame, boxes, sentence):
+    def places(frames, boxes):  # what ver is asked about, passed on as the "embedding"
         asked.append(boxes.clone())
-        return forward(pixels, clip, frame, boxes, sentence)
+        return boxes.reshape(-1, 4)
 
-    ver.forward = spy
+    ver.embed_places = places
     with torch.no_grad():
         res = model.ground_forward(*args)[0]
         tokens, boxes, presence = model.ground(*args, max_new_tokens=4)
@@ -823,7 +828,7 @@ def test_ground_with_a_box_verifier_moves_presence_and_boxes_only_as_far_as_its_
         torch.testing.assert_close(boxes, res.boxes[0])
         torch.testing.assert_close(presence, torch.sigmoid(res.presence_logits[0] + model.config.presence_bias))
 
-        ver.forward = lambda pixels, clip, frame, boxes, sentence: torch.full((len(clip),), -3.0)
+        ver.match = lambda v, sentence: torch.full((len(v),), -3.0)
         ver.presence = 0.5
         _, boxes2, presence2 = model.ground(*args, max_new_tokens=4)
         want = torch.sigmoid(res.presence_logits[0] + model.config.presence_bias
@@ -833,12 +838,7 @@ def test_ground_with_a_box_verifier_moves_presence_and_boxes_only_as_far_as_its_
 
         ver.presence, ver.choose = 0.0, 20.0
         asked.clear()
-
-        def right(pixels, clip, frame, boxes, sentence):  # places in the right half match, the others do not
-            asked.append(boxes.clone())
-            return (boxes[:, 0] > 0.5).float() * 10 - 5
-
-        ver.forward = right
+        ver.match = lambda v, sentence: (v[:, 0] > 0.5).float() * 10 - 5  # places in the right half match
         _, boxes3, presence3 = model.ground(*args, max_new_tokens=4)
     torch.testing.assert_close(presence3, presence)
     cand = asked[0].view(-1, 2, 4)

@@ -271,13 +271,18 @@ class BoxRefiner(nn.Module):
         return boxes
 
 
+def _window_grid(windows: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 4) normalised cxcywh windows -> (N, size, size, 2), grid_sample's sampling points."""
+    theta = torch.zeros(len(windows), 2, 3, dtype=dtype, device=windows.device)
+    theta[:, 0, 0], theta[:, 1, 1] = windows[:, 2], windows[:, 3]
+    theta[:, 0, 2], theta[:, 1, 2] = windows[:, 0] * 2 - 1, windows[:, 1] * 2 - 1
+    return F.affine_grid(theta, [len(windows), 1, size, size], align_corners=False)
+
+
 def crop_windows(pixels: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, S, S) frames, (N, 4) normalised cxcywh windows -> (N, C, size, size), bilinear (the
     edge pixels repeat outside the frame)."""
-    theta = torch.zeros(len(windows), 2, 3, dtype=pixels.dtype, device=pixels.device)
-    theta[:, 0, 0], theta[:, 1, 1] = windows[:, 2], windows[:, 3]
-    theta[:, 0, 2], theta[:, 1, 2] = windows[:, 0] * 2 - 1, windows[:, 1] * 2 - 1
-    grid = F.affine_grid(theta, [len(windows), pixels.shape[1], size, size], align_corners=False)
+    grid = _window_grid(windows, size, pixels.dtype)
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -348,6 +353,22 @@ class BoxVerifier(nn.Module):
         win = self.windows(boxes.detach())
         last = pixels.shape[1] - 1
         views = [crop_windows(pixels[clip, (frame + k).clamp(0, last)], win, self.crop) for k in (-1, 0, 1)]
+        return self.visual(self.features(torch.cat(views, 1)))
+
+    def embed_places(self, frames: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """One clip's frames (F, 3, S, S) and K places on each (F, K, 4) cxcywh -> (F * K, d), what
+        `embed` gives for them, frame-major. Inference asks about every place of every frame: each
+        frame is sampled through all its windows at once, where `embed` would first gather a copy of
+        the frame for each window (three views of 48 places: 28 MB of copies a clip)."""
+        f, k = boxes.shape[:2]
+        grid = _window_grid(self.windows(boxes.detach().reshape(-1, 4)), self.crop, frames.dtype)
+        grid = grid.view(f, k * self.crop, self.crop, 2)  # each frame's windows stacked down the rows
+        near = torch.arange(f, device=frames.device)
+        views = []
+        for shift in (-1, 0, 1):
+            src = frames if shift == 0 else frames[(near + shift).clamp(0, f - 1)]
+            out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            views.append(out.view(f, -1, k, self.crop, self.crop).transpose(1, 2).flatten(0, 1))
         return self.visual(self.features(torch.cat(views, 1)))
 
     def match(self, v: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
@@ -765,9 +786,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         if k > 1:
             attn = _local_softmax(point.float().repeat_interleave(k - 1, 0), grid, radius, peaks[:, 1:].reshape(-1, 1))
             cand[:, 1:, :2] = (attn @ centres).view(f, k - 1, 2).to(cand.dtype)
-        frame = torch.arange(f, device=point.device).repeat_interleave(k)
-        verdict = F.logsigmoid(ver(pixels, torch.zeros_like(frame), frame, cand.view(-1, 4),
-                                   sentence.expand(f * k, -1)).float()).view(f, k)
+        verdict = F.logsigmoid(ver.match(ver.embed_places(pixels[0], cand), sentence.expand(f * k, -1))
+                               .float()).view(f, k)
         # Each patch takes the verdict of the candidate it lies near (the best-pointed one where two
         # are near), a patch near none the frame's worst: an unasked place is no better than a refused one.
         near = _grid_distance(torch.arange(grid * grid, device=point.device)[None, None], peaks[..., None], grid) <= radius
