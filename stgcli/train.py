@@ -367,7 +367,8 @@ def collate(samples: list[dict], pad_id: int) -> dict:
             "gt_boxes": torch.from_numpy(np.stack([s["boxes"] for s in samples])),
             "gt_in_span": torch.from_numpy(np.stack([s["in_span"] for s in samples])),
             "patch_labels": torch.from_numpy(np.stack([s["patch_labels"] for s in samples])),
-            **{k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in ("obj_boxes", "obj_visible", "obj_target", "obj_attrs")}}
+            **{k: torch.from_numpy(np.stack([s[k] for s in samples]))
+               for k in ("obj_boxes", "obj_visible", "obj_target", "obj_attrs")}}
 
 
 def make_batch(cfg: TrainConfig, processor, step: int) -> dict:

@@ -50,8 +50,9 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         the defaults, without `track`).
     box_verifier: a check of candidate boxes against the sentence, on the pixels of the frame and its
         neighbours (modeling's BoxVerifier): None, off, or a dict of its settings (`crop`, `context`,
-        `min_window`, `channels`, `candidates`, `choose`, `presence`, `max_crops`; {} takes the
-        defaults, which leave the boxes and presence as they were until `choose` / `presence` are set).
+        `min_window`, `channels`, `candidates`, `choose`, `presence`, `max_crops`, `attributes`; {}
+        takes the defaults, which leave the boxes and presence as they were until `choose` /
+        `presence` are set).
     link_weight / link_free: tube linking at inference (0: off). The frames whose boxes are shown
         get one object, followed through the clip: the patch each frame points at is chosen jointly
         over the frames (Viterbi), each frame's pointing log-probability summed, less `link_weight`

@@ -295,7 +295,7 @@ class BoxVerifier(nn.Module):
     looks at the pixels: the window around a box (`context` times it, resampled to `crop` x
     `crop`) in the frame and in its two neighbouring sampled frames, so it also sees which way
     the object moves, through a small CNN, and scores whether what it holds is what the sentence
-    (the language model's states of its words, averaged) describes.
+    (the language model's last states and input embeddings of its words, averaged) describes.
 
     At inference the pipeline asks it about the `candidates` best-pointed places of every frame:
     the pointing scores of each place gain `choose` times the log-probability it gives them, so a
@@ -687,7 +687,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             start += k
         return torch.stack(losses).mean()
 
-    def _verifier_sentence(self, input_ids: torch.Tensor, hidden: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
+    def _verifier_sentence(self, input_ids: torch.Tensor, hidden: torch.Tensor,
+                           text_mask: torch.Tensor) -> torch.Tensor:
         """What the box verifier reads of the sentence (B, 2D): the mean of its words' last hidden states
         and of their input embeddings. The embeddings name each word plainly; the last layer's states,
         shaped to predict the next token, carry its identity less directly."""
@@ -771,10 +772,11 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
 
     def _verify(self, pixels: torch.Tensor, sentence: torch.Tensor, point: torch.Tensor, presence: torch.Tensor,
                 boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The box verifier's say (see BoxVerifier), for one clip: pixels (1, F, 3, S, S), sentence (1, D),
-        pointing scores (F, P), presence logits (F,), boxes (F, 4) -> the pointing scores with each
-        place's verdict (a log-probability) added `choose` times, the presence logits with the chosen place's added
-        `presence` times, and the boxes, re-centred (size kept) on frames where another place wins."""
+        """The box verifier's say (see BoxVerifier), for one clip: pixels (1, F, 3, S, S), sentence
+        (1, 2 D), pointing scores (F, P), presence logits (F,), boxes (F, 4) -> the pointing scores with
+        each place's verdict (a log-probability) added `choose` times, the presence logits with the
+        chosen place's added `presence` times, and the boxes, re-centred (size kept) on frames where
+        another place wins."""
         dec = self.space_decoder
         ver, grid = dec.verifier, dec.grid
         radius = dec.window if dec.window >= 0 else 1
@@ -790,7 +792,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                                .float()).view(f, k)
         # Each patch takes the verdict of the candidate it lies near (the best-pointed one where two
         # are near), a patch near none the frame's worst: an unasked place is no better than a refused one.
-        near = _grid_distance(torch.arange(grid * grid, device=point.device)[None, None], peaks[..., None], grid) <= radius
+        patches = torch.arange(grid * grid, device=point.device)
+        near = _grid_distance(patches[None, None], peaks[..., None], grid) <= radius
         penalty = verdict.min(-1, keepdim=True).values.expand(f, grid * grid)
         for j in reversed(range(k)):
             penalty = torch.where(near[:, j], verdict[:, j:j + 1], penalty)
