@@ -219,7 +219,32 @@ class TemporalPresence(nn.Module):
         return presence + self.out(x).squeeze(-1).to(presence.dtype)
 
 
-class BoxRefiner(nn.Module):
+class _WindowLook(nn.Module):
+    """What the box refiner and the box verifier share: a look at the model input through a window
+    `context` times a box (at least `min_window` of the frame), resampled to `crop` x `crop`, and a
+    small CNN (3x3 convolutions, the first at stride 1 and the rest at 2, GroupNorm, GELU)."""
+
+    def __init__(self, part: str, spec: dict, known: tuple):
+        super().__init__()
+        _check_settings(part, spec, known)
+        self.crop = int(spec.get("crop", 32))
+        self.context = float(spec.get("context", 2.5))
+        self.min_window = float(spec.get("min_window", 0.08))
+
+    @staticmethod
+    def trunk(chans: list[int]) -> nn.Sequential:
+        layers: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.GELU()]
+        return nn.Sequential(*layers)
+
+    def windows(self, boxes: torch.Tensor) -> torch.Tensor:
+        """(N, 4) cxcywh -> the (N, 4) cxcywh windows it looks through."""
+        wh = (boxes[:, 2:] * self.context).clamp(self.min_window, 1.0)
+        return torch.cat([boxes[:, :2], wh], -1)
+
+
+class BoxRefiner(_WindowLook):
     """A second look at the pixels around each box (config `box_refiner`, an addition to the paper's
     decoder): the space decoder points at 16-pixel patches, and an object a few pixels across is
     then boxed only roughly even when the right one is found. This crops the frame's model input
@@ -232,25 +257,13 @@ class BoxRefiner(nn.Module):
     SETTINGS = ("crop", "context", "min_window", "steps", "channels", "jitters")
 
     def __init__(self, spec: dict):
-        super().__init__()
-        _check_settings("box_refiner", spec, self.SETTINGS)
+        super().__init__("box_refiner", spec, self.SETTINGS)
         self.jitters = int(spec.get("jitters", 2))
-        self.crop = int(spec.get("crop", 32))
-        self.context = float(spec.get("context", 2.5))
-        self.min_window = float(spec.get("min_window", 0.08))
         self.steps = int(spec.get("steps", 2))
         chans = [3, *spec.get("channels", (32, 64, 96, 128))]
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.GELU()]
-        self.features = nn.Sequential(*layers)
+        self.features = self.trunk(chans)
         side = self.crop // 2 ** (len(chans) - 2)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * side * side, 256), nn.GELU(), nn.Linear(256, 4))
-
-    def windows(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(N, 4) cxcywh -> the (N, 4) cxcywh windows the refiner looks through."""
-        wh = (boxes[:, 2:] * self.context).clamp(self.min_window, 1.0)
-        return torch.cat([boxes[:, :2], wh], -1)
 
     def crops(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
         """(N, 3, S, S) frames, (N, 4) cxcywh windows -> (N, 3, crop, crop) (see crop_windows)."""
@@ -286,7 +299,7 @@ def crop_windows(pixels: torch.Tensor, windows: torch.Tensor, size: int) -> torc
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-class BoxVerifier(nn.Module):
+class BoxVerifier(_WindowLook):
     """A check of each candidate box against the sentence (config `box_verifier`, an addition to the
     paper's decoder). The space decoder reads 16-pixel patches that the vision tower has pooled
     with their surroundings; on the shapes world it tells colours apart but hardly shapes, so a
@@ -313,20 +326,13 @@ class BoxVerifier(nn.Module):
                 "attributes")
 
     def __init__(self, d_llm: int, spec: dict):
-        super().__init__()
-        _check_settings("box_verifier", spec, self.SETTINGS)
-        self.crop = int(spec.get("crop", 32))
-        self.context = float(spec.get("context", 2.5))
-        self.min_window = float(spec.get("min_window", 0.08))
+        super().__init__("box_verifier", spec, self.SETTINGS)
         self.candidates = int(spec.get("candidates", 3))
         self.choose = float(spec.get("choose", 0.0))
         self.presence = float(spec.get("presence", 0.0))
         self.max_crops = int(spec.get("max_crops", 192))
         chans = [9, *spec.get("channels", (24, 48, 64, 96))]  # three frames' RGB
-        layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.GELU()]
-        self.features = nn.Sequential(*layers)
+        self.features = self.trunk(chans)
         side = self.crop // 2 ** (len(chans) - 2)
         d = 128
         self.visual = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * side * side, d), nn.GELU())
@@ -335,11 +341,6 @@ class BoxVerifier(nn.Module):
         self.attributes = [int(k) for k in spec.get("attributes") or ()]
         if self.attributes:
             self.attr_head = nn.Linear(d, sum(self.attributes))
-
-    def windows(self, boxes: torch.Tensor) -> torch.Tensor:
-        """(N, 4) cxcywh -> the (N, 4) cxcywh windows it looks through."""
-        wh = (boxes[:, 2:] * self.context).clamp(self.min_window, 1.0)
-        return torch.cat([boxes[:, :2], wh], -1)
 
     def forward(self, pixels: torch.Tensor, clip: torch.Tensor, frame: torch.Tensor, boxes: torch.Tensor,
                 sentence: torch.Tensor) -> torch.Tensor:
