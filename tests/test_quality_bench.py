@@ -60,3 +60,35 @@ def test_tuning_scores_each_bias_and_breaks_spans_and_boxes_down_by_group(tmp_pa
         sum(spans[f][0] for f in ("plain", "moving", "still") if f in spans)
     whole = [g for g in spans if spans[g][0] == len(rows)]
     assert all(abs(spans[g][1] - float(lines[-1][2])) < 1e-3 for g in whole)
+
+
+def test_presence_errors_counts_every_sampled_frame_once_by_what_is_in_view(tmp_path):
+    """benchmarks/presence_errors.py: every sampled frame of every clip falls in one group, and a
+    group's wrong frames are at most its frames; `in_view` picks the first group that applies."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from presence_errors import GROUPS, in_view
+
+    from stgcli.synth import ShapeObject
+
+    def obj(colour, shape, t_in, t_out):
+        return ShapeObject(shape, colour, (0, 0, 0), 10.0, "still", 0.0, 0.0, 0.0, t_in, t_out)
+
+    objects = [obj("red", "circle", 2.0, 4.0), obj("red", "square", 0.0, 1.0), obj("red", "circle", 0.5, 1.5),
+               obj("blue", "circle", 0.0, 6.0)]
+    assert [in_view(objects, 0, t) for t in (3.0, 0.7, 0.2, 1.7)] == ["target in view", "twin", "same colour",
+                                                                       "same shape"]
+    assert in_view(objects[:2], 0, 5.0) == "nothing" and in_view(objects[:2] + [obj("green", "square", 4, 6)], 0,
+                                                                 5.0) == "others only"
+    assert set(GROUPS) == {"target in view", "twin", "same colour", "same shape", "others only", "nothing"}
+
+    clips = tmp_path / "clips"
+    made = subprocess.run([sys.executable, "-m", "stgcli", "synth", str(clips), "--n", "3", "--seed", "5"],
+                          capture_output=True, text=True, timeout=300)
+    assert made.returncode == 0, made.stderr
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "presence_errors.py"), str(clips)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = re.findall(r"^  (.+?) +frames +(\d+) \| wrong +(\d+)", done.stdout, re.M)
+    assert [g for g, _, _ in rows] == list(GROUPS)
+    assert sum(int(n) for _, n, _ in rows) == 3 * 16  # the built-in model's 16 frames of each clip
+    assert all(int(w) <= int(n) for _, n, w in rows)
