@@ -265,18 +265,22 @@ def _augment(frames: np.ndarray, rng: np.random.Generator, cfg: TrainConfig) -> 
     return frames
 
 
+def _attr_classes(o) -> tuple[int, int, int]:
+    """A shapes-world object's colour, shape and motion classes, 1-based (0 is "none")."""
+    from .synth import COLOURS, MOTIONS, SHAPES
+
+    return list(COLOURS).index(o.colour) + 1, SHAPES.index(o.shape) + 1, MOTIONS.index(o.motion) + 1
+
+
 def patch_labels(spec, times: np.ndarray, grid: int) -> np.ndarray:
     """(F, grid*grid, 3) int64: per sampled frame and patch, the colour, shape and motion class
     (1-based; 0 = background) of the topmost visible object there. A patch belongs to an object
     when its centre lies in the object's box, and the patch holding the box centre always does
     (objects can be smaller than a patch). Targets of the dense attribute loss."""
-    from .synth import COLOURS, MOTIONS, SHAPES
-
-    colours = list(COLOURS)
     centres = (np.arange(grid) + 0.5) / grid
     out = np.zeros((len(times), grid, grid, 3), np.int64)
     for o in spec.objects:  # drawing order: later objects cover earlier ones
-        cls = (colours.index(o.colour) + 1, SHAPES.index(o.shape) + 1, MOTIONS.index(o.motion) + 1)
+        cls = _attr_classes(o)
         for i, t in enumerate(times):
             if not o.visible(t):
                 continue
@@ -308,17 +312,15 @@ def draw_sample(rng: np.random.Generator, processor, n_frames: int, cfg: TrainCo
     else:
         frames = np.stack([render_frame(spec, t, rng, (s, s), noise_scale=None) for t in times])
     frames = _augment(frames, rng, cfg)
-    o = spec.objects[spec.target]
-    in_span = np.array([o.visible(t) for t in times])
-    boxes = np.array([o.box(t) for t in times], dtype=np.float32) / np.array(
-        [spec.width, spec.height, spec.width, spec.height], dtype=np.float32)
+    objects = object_boxes(spec, times)
+    in_span = objects["obj_visible"][:, spec.target]
     first, last = np.flatnonzero(in_span)[[0, -1]]
     prompt, text_mask = processor.encode_prompt(spec.query, times)
     answer = processor.encode_answer(times[first], times[last])
     grid = processor.settings.image_size // processor.settings.patch_size
     return {"pixels": processor.preprocess_frames(frames), "prompt": prompt, "text_mask": text_mask,
-            "answer": answer, "in_span": in_span, "boxes": np.clip(boxes, 0, 1), "spec": spec, "times": times,
-            "patch_labels": patch_labels(spec, times, grid), **object_boxes(spec, times)}
+            "answer": answer, "in_span": in_span, "boxes": objects["obj_boxes"][:, spec.target], "spec": spec,
+            "times": times, "patch_labels": patch_labels(spec, times, grid), **objects}
 
 
 MAX_OBJECTS = 4  # the shapes world's most objects per clip
@@ -328,8 +330,6 @@ def object_boxes(spec, times: np.ndarray) -> dict:
     """Every object's normalised xyxy box (F, M, 4) and visibility (F, M) on the sampled frames, which
     is the target (M,), and its colour, shape and motion classes (M, 3; 1-based, as patch_labels'),
     padded to MAX_OBJECTS: the box verifier's positives and negatives."""
-    from .synth import COLOURS, MOTIONS, SHAPES
-
     n = MAX_OBJECTS
     boxes = np.zeros((len(times), n, 4), np.float32)
     visible = np.zeros((len(times), n), bool)
@@ -338,7 +338,7 @@ def object_boxes(spec, times: np.ndarray) -> dict:
     attrs = np.zeros((n, 3), np.int64)
     scale = np.array([spec.width, spec.height, spec.width, spec.height], np.float32)
     for m, o in enumerate(spec.objects):
-        attrs[m] = (list(COLOURS).index(o.colour) + 1, SHAPES.index(o.shape) + 1, MOTIONS.index(o.motion) + 1)
+        attrs[m] = _attr_classes(o)
         for i, t in enumerate(times):
             boxes[i, m] = np.clip(np.asarray(o.box(t), np.float32) / scale, 0, 1)
             visible[i, m] = o.visible(t)

@@ -650,10 +650,10 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             attrs = torch.cat([obj_attrs[b_obj, m_obj], obj_attrs.new_full((len(b_out), obj_attrs.shape[-1]), -100)])
         if len(label) > verifier.max_crops:
             # The target and the objects of its colour first (what it must tell apart), then the rest at random.
-            target_colour = (obj_attrs[b_obj] * obj_target[b_obj, :, None]).sum(1)[:, 0] if obj_attrs is not None \
-                else None
-            hard = torch.cat([obj_attrs[b_obj, m_obj, 0] == target_colour if target_colour is not None
-                              else obj_target[b_obj, m_obj], torch.zeros_like(b_out, dtype=torch.bool)])
+            hard = obj_target[b_obj, m_obj]
+            if obj_attrs is not None:  # one target per clip: its row of attributes, per clip
+                hard = obj_attrs[b_obj, m_obj, 0] == obj_attrs[obj_target][b_obj, 0]
+            hard = torch.cat([hard, torch.zeros_like(b_out, dtype=torch.bool)])
             order = torch.rand(len(label), generator=generator).to(label.device) + hard.float()
             keep = order.topk(verifier.max_crops).indices
             clip, frame, xyxy, label = clip[keep], frame[keep], xyxy[keep], label[keep]
