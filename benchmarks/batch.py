@@ -74,7 +74,8 @@ while True:
 """
 
 
-def standalone_costs(paths: list[Path], queries: list[str], dtype: str = "auto") -> tuple[float, float, float]:
+def standalone_costs(paths: list[Path], queries: list[str], dtype: str = "auto",
+                     batch_size: int | None = None) -> tuple[float, float, float]:
     """CPU seconds per clip of the batch's two halves, each measured alone: a decoding worker's
     (stg.batch.decode_clip, one decoder thread) and the main process's (preprocessing, prompt,
     model and result, torch on 1 thread): what the batch has to fit onto the machine's cores.
@@ -84,8 +85,8 @@ def standalone_costs(paths: list[Path], queries: list[str], dtype: str = "auto")
     process decodes on the other core(s), to show what two busy cores cost each other here."""
     import torch
 
-    from stgcli.batch import decode_clip
-    from stgcli.pipeline import ground_prepared, model_input_size, prepare_sampled
+    from stgcli.batch import decode_clip, default_batch_size
+    from stgcli.pipeline import ground_prepared_many, model_input_size, prepare_sampled
     from stgcli.weights import load_model
 
     m = load_model(device="cpu", dtype=dtype)
@@ -93,10 +94,14 @@ def standalone_costs(paths: list[Path], queries: list[str], dtype: str = "auto")
     before = torch.get_num_threads()
     torch.set_num_threads(1)
 
-    def main_half() -> float:
+    bs = batch_size or default_batch_size("cpu")
+
+    def main_half() -> float:  # as stg batch runs them: `bs` clips to a prefill
         t0 = time.process_time()
-        for p, q, sampled in zip(paths, queries, decoded):
-            ground_prepared(m, prepare_sampled(m, q, sampled, time.perf_counter()), str(p))
+        for i in range(0, len(paths), bs):
+            ground_prepared_many(m, [prepare_sampled(m, q, sampled, time.perf_counter())
+                                     for q, sampled in zip(queries[i:i + bs], decoded[i:i + bs])],
+                                 [str(p) for p in paths[i:i + bs]])
         return (time.process_time() - t0) / len(paths)
 
     try:
@@ -139,11 +144,11 @@ import numpy as np
 from stgcli import pipeline
 from stgcli.cli import cli
 
-def no_model(loaded, prep):
-    f = len(prep["sampled"].indices)
-    return "", np.zeros((f, 4), np.float32), np.zeros(f, np.float32), 0.0
+def no_model(loaded, preps, all_boxes=False):
+    return [("", np.zeros((len(p["sampled"].indices), 4), np.float32), np.zeros(len(p["sampled"].indices), np.float32),
+             0.0) for p in preps]
 
-pipeline.run_model = no_model
+pipeline.run_models = no_model
 cli(sys.argv[1:])
 """
 
@@ -164,7 +169,7 @@ def _cpu_s(pid: int) -> tuple[float, float]:
 
 
 def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = True, dtype: str = "auto",
-              ahead: int = 0) -> dict:
+              ahead: int = 0, batch_size: int | None = None) -> dict:
     """Run `stg batch` in a subprocess and timestamp every result line as it lands. `ahead`: how many
     clips its decoders run ahead of the model; the CPU split is taken from line 10 to line n - ahead,
     while the decoders are still at work (they finish `ahead` clips before the last line)."""
@@ -172,6 +177,7 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     if out.exists():
         out.unlink()
     args = ["batch", str(manifest), "--out", str(out), "--device", "cpu", "--workers", str(workers), "--dtype", dtype]
+    args += ["--batch-size", str(batch_size)] if batch_size else []
     cmd = [PY, "-m", "stgcli", *args] if model else [PY, "-c", _NO_MODEL, *args]
     t_start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -208,14 +214,16 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     failed = sum(1 for d in docs if d.get("error"))
     if n not in rss:  # the process ended between polls at the last line: VmHWM only grows
         rss[n] = rss.get(10, (0, 0))
-    steady = (stamps[-1] - stamps[0]) / (n - 1)
+    # Lines land a batch (--batch-size) at a time: the clips done after the first line are those whose
+    # lines came later (n - 1 for one at a time), not n - 1 of them when the first line came with three others.
+    steady = (stamps[-1] - stamps[0]) / sum(1 for t in stamps if t > stamps[0])
     decode = statistics.mean(d["timing_s"]["decode"] for d in docs if not d.get("error"))
     model = statistics.mean(d["timing_s"]["model"] for d in docs if not d.get("error"))
     # CPU seconds per clip from line 10 to line n - ahead, of the main process (the model) and of the decoders
     split = ({"main_cpu_s_per_clip": (cpu[cpu_to][0] - cpu[10][0]) / (cpu_to - 10),
               "workers_cpu_s_per_clip": (cpu[cpu_to][1] - cpu[10][1]) / (cpu_to - 10),
               "cpu_lines": [10, cpu_to]} if cpu_to in cpu and 10 in cpu else {})
-    return {"workers": workers, "dtype": dtype, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
+    return {"workers": workers, "dtype": dtype, "batch_size": batch_size, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
             **split,
             "total_s": time.perf_counter() - t_start, "failed": failed,
             "in_worker_decode_s": decode, "model_s": model,
@@ -280,6 +288,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="paired (decord loop, stg batch) runs per --workers")
     ap.add_argument("--dtype", nargs="+", default=["auto"], help="stg batch --dtype values to run (float32 on CPU "
                     "is auto's choice; bfloat16 is the opt-in)")
+    ap.add_argument("--batch-size", type=int, nargs="+", default=[0], help="stg batch --batch-size values to run "
+                    "(0: its default, 4 on a CPU)")
     ap.add_argument("--clips", default=None, help="folder for the clips (default: a temp folder)")
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
@@ -302,29 +312,38 @@ def main() -> None:
 
     # all the clips: a few of them (long, noisy backgrounds at a low crf) cost several times the
     # median to decode, so a subset misstates the mean the batch has to sustain
-    costs_of = {d: standalone_costs(paths, [r["query"] for r in rows], d) for d in args.dtype}
+    sizes = [b or None for b in args.batch_size]
+    costs_of = {(d, b): standalone_costs(paths, [r["query"] for r in rows], d, b) for d in args.dtype for b in sizes}
     from stgcli.batch import _cores, clips_ahead
 
     cores = _cores()  # what stg batch itself counts (CPU affinity: a container's or taskset's share)
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
     # 0.128 s/clip in two runs an hour apart), so each stg run is paired with a decord loop measured
     # right before it, and every pairing is repeated: the ratio of a pair is what is compared.
-    def paired(rep: int, workers: int, model: bool = True, dtype: str = "auto") -> dict:
+    def paired(rep: int, workers: int, model: bool = True, dtype: str = "auto", batch_size: int | None = None) -> dict:
         base, base_cpu = decord_baseline(paths, frames, size)
-        r = run_batch(manifest, args.n, workers, tmp, model=model, dtype=dtype,
+        r = run_batch(manifest, args.n, workers, tmp, model=model, dtype=dtype, batch_size=batch_size,
                       ahead=workers + clips_ahead(frames, (size, size)) + 1)
         r.update(repeat=rep, decord_s_per_clip=base, decord_cpu_s_per_clip=base_cpu,
                  ratio=r["steady_s_per_clip"] / base)
         return r
 
-    runs = [paired(rep, w, dtype=d) for rep in range(args.repeat) for d in args.dtype for w in args.workers]
+    combos = [(d, w, b) for d in args.dtype for w in args.workers for b in sizes]
+    runs = [paired(rep, w, dtype=d, batch_size=b) for rep in range(args.repeat) for d, w, b in combos]
     # the same pairing, with the model's forward taken out
     free = [paired(rep, args.workers[-1], model=False) for rep in range(args.repeat)]
     cold = cold_start(tmp)
     helps = help_latency()
 
+    def flags(d: str, w: int, b: int | None) -> str:
+        return (f"--workers {w}" + (f" --dtype {d}" if d != "auto" else "")
+                + (f" --batch-size {b}" if b else ""))
+
     def label(r: dict) -> str:
-        return f"stg batch --workers {r['workers']}" + (f" --dtype {r['dtype']}" if r["dtype"] != "auto" else "")
+        return "stg batch " + flags(r["dtype"], r["workers"], r["batch_size"])
+
+    def key(r: dict) -> tuple:
+        return r["dtype"], r["workers"], r["batch_size"]
 
     lines = ["| run | decord loop s/clip (right before) | stg steady s/clip | ratio | start-up s | "
              f"peak RSS clip 10 MiB | peak RSS clip {args.n} MiB | RSS growth |",
@@ -340,26 +359,29 @@ def main() -> None:
                      f"{r['decord_s_per_clip']:.3f} | {r['steady_s_per_clip']:.3f} | {r['ratio']:.2f} | "
                      f"{r['startup_s']:.2f} | | | |")
     free_ratio = statistics.median(r["ratio"] for r in free)
-    medians = {(d, w): statistics.median(r["ratio"] for r in runs if (r["dtype"], r["workers"]) == (d, w))
-               for d in args.dtype for w in args.workers}
+    medians = {c: statistics.median(r["ratio"] for r in runs if key(r) == c) for c in combos}
     base = statistics.median(r["decord_s_per_clip"] for r in runs)
     base_cpu = statistics.median(r["decord_cpu_s_per_clip"] for r in runs)
     b = cold["breakdown_s"]
     cold_line = (f"`stg ground` cold start (process start to JSON written, median of 3): {cold['wall_s']:.2f} s; "
                  "breakdown in a fresh process: " + ", ".join(f"{k} {v:.2f} s" for k, v in b.items()))
     verdicts, costs, best_of = [], [], {}
-    for d in args.dtype:
-        best_w = min(args.workers, key=lambda w: medians[(d, w)])
-        best = best_of[d] = dict(min((r for r in runs if (r["dtype"], r["workers"]) == (d, best_w)),
-                                     key=lambda r: abs(r["ratio"] - medians[(d, best_w)])), ratio=medians[(d, best_w)])
-        flag = "" if d == "auto" else f" --dtype {d}"
+    for d, b in costs_of:
+        best_c = min((c for c in combos if (c[0], c[2]) == (d, b)), key=lambda c: medians[c])
+        best_w = best_c[1]
+        best = best_of[(d, b)] = dict(min((r for r in runs if key(r) == best_c),
+                                          key=lambda r: abs(r["ratio"] - medians[best_c])), ratio=medians[best_c])
+        flag = flags(*best_c).removeprefix(f"--workers {best_w}")
         verdicts.append(f"steady-state ratio {best['ratio']:.3f}, median over {args.repeat} paired run(s) of "
                         f"--workers {best_w}{flag} ({'meets' if best['ratio'] <= TARGET_RATIO else 'misses'} "
                         f"<= {TARGET_RATIO}); RSS growth {100 * best['rss_growth']:+.1f}% "
                         f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%)")
-        own_decode, own_model, model_busy = costs_of[d]
+        own_decode, own_model, model_busy = costs_of[(d, b)]
         floor = max(own_model, own_decode / min(best_w, cores), (own_decode + own_model) / cores)
-        costs.append(f"CPU per clip, measured alone{flag or ' (float32)'}: a decoding worker {own_decode:.3f} s, the "
+        from stgcli.batch import default_batch_size
+
+        costs.append(f"CPU per clip, measured alone ({'float32' if d == 'auto' else d}, "
+                     f"{b or default_batch_size('cpu')} clips to a prefill): a decoding worker {own_decode:.3f} s, the "
                      f"main process (preprocessing, prompt, model, result; torch on 1 thread) {own_model:.3f} s; with "
                      f"--workers {best_w} on {cores} cores no schedule beats max(main, decode / workers, (decode + "
                      f"main) / cores) = {floor:.3f} s, a ratio of {floor / base:.2f} to the median decord "
@@ -396,10 +418,11 @@ def main() -> None:
     when, where = today(), machine()
     out = {"date": when, "machine": where, "n": args.n, "seed": args.seed, "frames": frames, "size": size,
            "repeat": args.repeat, "dtypes": args.dtype,
-           "median_ratio": {f"{d} workers {w}": v for (d, w), v in medians.items()},
+           "median_ratio": {flags(*c): v for c, v in medians.items()},
            "decord_s_per_clip_median": base, "decord_cpu_s_per_clip_median": base_cpu,
-           "standalone_cpu_s": {d: dict(zip(("decode_worker", "main", "main_while_decoding"), c))
-                                for d, c in costs_of.items()},
+           "standalone_cpu_s": {flags(d, 1, b).removeprefix("--workers 1").strip() or "default":
+                                dict(zip(("decode_worker", "main", "main_while_decoding"), c))
+                                for (d, b), c in costs_of.items()},
            "runs": runs, "runs_model_forward_taken_out": free, "cold_start": cold, "help_s": helps}
     (HERE / "results").mkdir(exist_ok=True)
     (HERE / "results" / "batch.json").write_text(json.dumps(out, indent=2) + "\n")
@@ -407,7 +430,8 @@ def main() -> None:
         f"## Batch (benchmarks/batch.py)\n\n{when}, {where}. Built-in model on CPU, {args.n} shapes-world "
         f"clips (seed {args.seed}), each with its own query; `python benchmarks/batch.py "
         f"--n {args.n} --workers {' '.join(map(str, args.workers))} --repeat {args.repeat}"
-        f"{' --dtype ' + ' '.join(args.dtype) if args.dtype != ['auto'] else ''}`.\n\n{text}\n\n"
+        f"{' --dtype ' + ' '.join(args.dtype) if args.dtype != ['auto'] else ''}"
+        f"{' --batch-size ' + ' '.join(map(str, args.batch_size)) if args.batch_size != [0] else ''}`.\n\n{text}\n\n"
         f"Inside stg batch per clip (wall): {inside}. {costs}\n\n{cold_line}.\n\n"
         f"Verdict: {verdict}.\n"))
 

@@ -245,6 +245,8 @@ def ground(video: Path, query: str, model_name, frames, device, quant, dtype, sp
 @_model_options
 @click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4; 2 on 2 cores",
               help="Processes decoding clips ahead of the one in the model.")
+@click.option("--batch-size", type=int, default=None, show_default="4 on a CPU, 1 on a GPU",
+              help="Clips the model reads together (one prefill): less compute per clip, the same results.")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=600, show_default=True, metavar="SECONDS",
               help="A clip still decoding after this long gets an error line and the batch goes on (0: no limit).")
 @click.option("--resume/--no-resume", default=True, show_default=True,
@@ -253,7 +255,7 @@ def ground(video: Path, query: str, model_name, frames, device, quant, dtype, sp
               help="Ground again the pairs whose line in --out is an error; the new line supersedes it.")
 @click.option("--allow-pickle", is_flag=True, help="Load a pickle (.bin/.pt) checkpoint (trusted sources only).")
 def batch(source: Path, out_path: Path, queries, model_name, frames, device, quant, dtype, span_decoding, workers,
-          decode_timeout, resume, retry_failed, allow_pickle) -> None:
+          batch_size, decode_timeout, resume, retry_failed, allow_pickle) -> None:
     """Ground many clips: SOURCE is a folder or a video (with --query) or a JSONL/CSV manifest of video,query."""
     from .batch import run_batch
     from .result import check_output_path
@@ -261,7 +263,8 @@ def batch(source: Path, out_path: Path, queries, model_name, frames, device, qua
     check_output_path(out_path, force=True)  # appended to when it exists; a folder or unwritable place is not
     counts = run_batch(source, out_path, query=list(queries) or None, model=model_name, frames=frames, device=device,
                        quant=quant, dtype=dtype, resume=resume, workers=workers, allow_pickle=allow_pickle,
-                       span_decoding=span_decoding, retry_failed=retry_failed, decode_timeout=decode_timeout)
+                       span_decoding=span_decoding, retry_failed=retry_failed, decode_timeout=decode_timeout,
+                       batch_size=batch_size)
     earlier = (f" ({counts.failed_earlier} of them failed in an earlier run; --retry-failed grounds those "
                "again)") if counts.failed_earlier else ""
     click.echo(f"stg: {counts.grounded} grounded, {counts.failed} failed, {counts.skipped} already done{earlier} "

@@ -131,31 +131,51 @@ def run_model(loaded, prep: dict, all_boxes: bool = False):
     language model and the per-frame presence scores agree on best, among answers whose edges are
     sampled frames; "text" is the language model's free greedy text (the paper's reading, kept for
     comparison: the built-in model's text alone is less accurate, see its model card)."""
+    return run_models(loaded, [prep], all_boxes)[0]
+
+
+def run_models(loaded, preps: list[dict], all_boxes: bool = False) -> list[tuple]:
+    """`run_model` for several clips of the same frame count with one prefill (the model's `ground_many`):
+    the same results up to float rounding, for less compute per clip. Each clip's seconds are its share."""
     import torch
 
     from .weights import cuda_oom_guard
 
-    dev = loaded.device
+    dev, model = loaded.device, loaded.model
     t0 = time.perf_counter()
-    n_frames = len(prep["sampled"].indices)
-    with cuda_oom_guard(loaded.model.config, loaded.quantization, n_frames, dev, loaded.model.dtype.itemsize), \
+    n_frames = len(preps[0]["sampled"].indices)
+    clips = []
+    with cuda_oom_guard(model.config, loaded.quantization, n_frames, dev, model.dtype.itemsize), \
             torch.inference_mode():
-        ids = torch.tensor([prep["ids"]], device=dev)
-        pix = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=loaded.model.dtype)
-        tmask = torch.tensor([prep["text_mask"]], device=dev)
-        def joint(presence):
-            return loaded.processor.span_candidates(prep["sampled"].times_s, presence)
+        for prep in preps:
+            ids = torch.tensor([prep["ids"]], device=dev)
+            clips.append({"input_ids": ids, "text_mask": torch.tensor([prep["text_mask"]], device=dev),
+                          "pixel_values_videos": torch.from_numpy(prep["pixels"])[None].to(dev, dtype=model.dtype),
+                          "answer_candidates": _joint(loaded, prep) if loaded.span_decoding == "joint" else None,
+                          "box_frames": _shown(loaded, prep)})
+        if len(clips) == 1:
+            c = clips[0]
+            out = [model.ground(c["input_ids"], torch.ones_like(c["input_ids"]), c["pixel_values_videos"],
+                                c["text_mask"], max_new_tokens=24, answer_candidates=c["answer_candidates"],
+                                box_frames=c["box_frames"], refine_all=all_boxes)]
+        else:
+            out = model.ground_many(clips, max_new_tokens=24, refine_all=all_boxes)
+    share = (time.perf_counter() - t0) / len(preps)
+    return [(loaded.processor.decode(tokens), boxes.float().cpu().numpy(), presence.float().cpu().numpy(), share)
+            for tokens, boxes, presence in out]
 
-        def in_span(tokens):
-            frames = answer_frames(loaded, prep, loaded.processor.decode(tokens))
-            return [frames is not None and frames[0] <= f <= frames[1] for f in prep["sampled"].indices]
 
-        candidates = joint if loaded.span_decoding == "joint" else None
-        tokens, boxes, presence = loaded.model.ground(ids, torch.ones_like(ids), pix, tmask, max_new_tokens=24,
-                                                      answer_candidates=candidates,
-                                                      box_frames=in_span, refine_all=all_boxes)
-    text = loaded.processor.decode(tokens)
-    return text, boxes.float().cpu().numpy(), presence.float().cpu().numpy(), time.perf_counter() - t0
+def _joint(loaded, prep: dict):
+    """Joint span decoding's candidate answers for a clip, given its presence scores."""
+    return lambda presence: loaded.processor.span_candidates(prep["sampled"].times_s, presence)
+
+
+def _shown(loaded, prep: dict):
+    """Which of a clip's sampled frames the answer's span shows, given the answer's tokens."""
+    def in_span(tokens):
+        frames = answer_frames(loaded, prep, loaded.processor.decode(tokens))
+        return [frames is not None and frames[0] <= f <= frames[1] for f in prep["sampled"].indices]
+    return in_span
 
 
 def answer_frames(loaded, prep: dict, text: str) -> tuple[int, int] | None:
@@ -234,6 +254,28 @@ def ground(video: str | os.PathLike, query: str, model=None, frames: int | None 
 def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | None = None) -> GroundingResult:
     """The model half of `ground` on a clip `prepare` (or, on frames a batch worker decoded,
     `prepare_sampled`) made ready."""
+    return ground_prepared_many(loaded, [prep], [video], t0)[0]
+
+
+def ground_prepared_many(loaded, preps: list[dict], videos: list, t0: float | None = None) -> list[GroundingResult]:
+    """`ground_prepared` for several clips (stg batch): those with the same number of sampled frames share
+    one prefill (`run_models`); results in the order given."""
+    groups: dict[int, list[int]] = {}
+    for i, prep in enumerate(preps):
+        groups.setdefault(len(prep["sampled"].indices), []).append(i)
+    out: list = [None] * len(preps)
+    for group in groups.values():
+        for i, (text, boxes, scores, model_s) in zip(group, run_models(loaded, [preps[i] for i in group])):
+            timing = {"decode": preps[i]["decode_s"], "model": model_s}
+            if t0 is not None:
+                timing["total"] = time.perf_counter() - t0
+            out[i] = finish(loaded, preps[i], videos[i], text, boxes, scores, timing, _warnings(loaded, preps[i]))
+    return out
+
+
+def _warnings(loaded, prep: dict) -> list[str]:
+    """What a clip's result warns about before the model runs: unknown words, the decode's warnings, a
+    prompt longer than the model's positions."""
     warnings: list[str] = []
     unknown = unknown_words(prep["query"], loaded.training_vocabulary)
     if unknown:
@@ -245,8 +287,4 @@ def ground_prepared(loaded, prep: dict, video: str | os.PathLike, t0: float | No
         warnings.append(f"the prompt has {len(prep['ids'])} tokens, more than the {limit} positions model "
                         f"'{loaded.name}' was built for; its answer is unreliable: use fewer --frames "
                         f"(at most about {max(1, int(limit / per_frame))} here)")
-    text, boxes, scores, model_s = run_model(loaded, prep)
-    timing = {"decode": prep["decode_s"], "model": model_s}
-    if t0 is not None:
-        timing["total"] = time.perf_counter() - t0
-    return finish(loaded, prep, video, text, boxes, scores, timing, warnings)
+    return warnings

@@ -297,41 +297,64 @@ def _decode_or_die(video, *args):
     return _REAL_DECODE(video, *args)
 
 
-@pytest.mark.parametrize("device", ["cpu", "cuda:0"])
-def test_clips_decode_in_worker_processes_and_the_model_takes_one_at_a_time(folder, tmp_path, model, monkeypatch,
-                                                                            device):
-    """Decoding runs in other processes (it never holds the model's GIL), and one clip at a time
-    is in the model, on CPU and GPU alike."""
+@pytest.mark.parametrize("device, sizes", [("cpu", [4, 3]), ("cuda:0", [1] * 7)])
+def test_clips_decode_in_worker_processes_and_the_model_takes_one_batch_at_a_time(folder, tmp_path, model,
+                                                                                  monkeypatch, device, sizes):
+    """Decoding runs in other processes (it never holds the model's GIL), and one batch of clips at a
+    time is in the model (4 on a CPU, 1 on a GPU by default), on CPU and GPU alike."""
     import dataclasses
     import threading
 
     from stgcli import batch, pipeline
 
-    active, peak, lock = [0], [0], threading.Lock()
-    real = pipeline.ground_prepared
+    active, peak, seen_sizes, lock = [0], [0], [], threading.Lock()
+    real = pipeline.ground_prepared_many
 
-    def ground_prepared(loaded, data, video):
+    def ground_prepared_many(loaded, preps, videos):
         with lock:
             active[0] += 1
             peak[0] = max(peak[0], active[0])
+            seen_sizes.append(len(preps))
         time.sleep(0.05)
         with lock:
             active[0] -= 1
-        return real(model, data, video)  # the real (CPU) model does the work
+        return real(model, preps, videos)  # the real (CPU) model does the work
 
     for i in range(4):
         shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
     pids = tmp_path / "pids.txt"
     monkeypatch.setenv("STG_TEST_PIDS", str(pids))
-    monkeypatch.setattr(pipeline, "ground_prepared", ground_prepared)
+    monkeypatch.setattr(pipeline, "ground_prepared_many", ground_prepared_many)
     monkeypatch.setattr(batch, "decode_clip", _decode_noting_pid)
     out = tmp_path / "r.jsonl"
     loaded = dataclasses.replace(model, device=device)
     assert run_batch(folder, out, query="the red circle", model=loaded, progress=False, workers=2) == (7, 0, 0, 0)
-    assert peak[0] == 1
+    assert peak[0] == 1 and seen_sizes == sizes
     seen = set(pids.read_text().split())
     assert len(pids.read_text().split()) == 7 and str(os.getpid()) not in seen and 1 <= len(seen) <= 2
     assert len(lines(out)) == 7
+
+
+def test_a_batch_of_clips_gives_the_lines_clip_by_clip_grounding_gives(folder, tmp_path, model):
+    """--batch-size changes how many clips share a prefill, not what is written: the same lines (timings
+    aside) in the same order, errors in their place, with 1, 3 and 4 clips to a batch."""
+    for i in range(4):
+        shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
+    (folder / "broken.mp4").write_bytes(b"not a video")
+    outs = {}
+    for size in (1, 3, 4):
+        out = tmp_path / f"r{size}.jsonl"
+        counts = run_batch(folder, out, query=["the red circle", "the blue square moving left"], model=model,
+                           progress=False, workers=1, batch_size=size)
+        assert counts == (14, 2, 0, 0)
+        outs[size] = [{k: v for k, v in r.items() if k != "timing_s"} for r in lines(out)]
+    assert len(outs[1]) == 16 and sum("error" in r for r in outs[1]) == 2
+    assert outs[3] == outs[1] and outs[4] == outs[1]
+
+
+def test_batch_size_below_one_is_a_user_error(folder, tmp_path, model):
+    with pytest.raises(UserError, match="--batch-size 0: must be at least 1"):
+        run_batch(folder, tmp_path / "r.jsonl", query="the red circle", model=model, progress=False, batch_size=0)
 
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities to compare (Windows)")
@@ -355,8 +378,8 @@ def test_clips_ahead_is_bounded_in_bytes():
 
 
 def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, monkeypatch):
-    """However long the batch, at most `workers + clips_ahead` clips are submitted and not yet
-    grounded: memory stays flat."""
+    """However long the batch, at most `workers + max(clips_ahead, batch_size)` clips are submitted and
+    not yet grounded: memory stays flat."""
     from stgcli import batch
 
     for i in range(6):
@@ -370,8 +393,12 @@ def test_the_window_of_decoded_clips_holds_its_bound(folder, tmp_path, model, mo
     monkeypatch.setattr(batch, "clips_ahead", lambda frames, size: 3)
     monkeypatch.setattr(batch._Decoders, "next", next_noting_depth)
     assert run_batch(folder, tmp_path / "w.jsonl", query="the red circle", model=model, progress=False,
-                     workers=1) == (9, 0, 0, 0)
+                     workers=1, batch_size=2) == (9, 0, 0, 0)
     assert most[0] == 1 + 3
+    most[0] = 0  # a batch larger than the window widens it: the model's next batch must fit in it
+    assert run_batch(folder, tmp_path / "w5.jsonl", query="the red circle", model=model, progress=False,
+                     workers=1, batch_size=5) == (9, 0, 0, 0)
+    assert most[0] == 1 + 5
 
 
 @pytest.mark.parametrize("workers", [1, 3])

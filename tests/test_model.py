@@ -268,16 +268,24 @@ def test_span_candidates_write_each_answer_once(small):
 
 
 def test_answer_log_likelihood_matches_a_full_forward(small):
-    """Scoring candidates side by side on the cached prompt equals teacher forcing each one."""
+    """Scoring candidates as a prefix tree on the cached prompt, one token per distinct prefix, equals
+    teacher forcing each one."""
     model, proc = small
     model.eval()
     (ids, _, pix, tmask), n_prompt = prompt_inputs(proc, step=2)
     cands = [proc.encode_answer(0.0, 1.5), proc.encode_answer(12.5, 13.0), proc.encode_answer(2.0, 2.0),
-             proc.encode_answer(0.0, 1.5)[:1]]
+             proc.encode_answer(0.0, 1.5)[:1], proc.encode_answer(0.0, 2.5)]
     assert len({len(c) for c in cands}) > 2  # blocks of different lengths, one of a single token
+    prefixes = {tuple(c[:j + 1]) for c in cands for j in range(len(c) - 1)}
+    assert len(prefixes) < sum(len(c) - 1 for c in cands)  # shared first tokens ("from 0 . 0 to")
+    fed = []
+    hook = model.model.language_model.embed_tokens.register_forward_hook(lambda _m, inp, _o: fed.append(inp[0].shape))
     with torch.no_grad():
         _, past, hidden = model.ground_forward(ids, torch.ones_like(ids), pix, tmask, use_cache=True)
+        fed.clear()
         got = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands)
+        hook.remove()
+        assert fed == [(1, len(prefixes))]  # one pass, a token per distinct prefix
         assert past.get_seq_length() == n_prompt  # the prompt's cache is left as it was
         again = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands[::-1])
         torch.testing.assert_close(again.flip(0), got, atol=1e-4, rtol=1e-4)  # order-free
@@ -857,3 +865,38 @@ def test_ground_with_a_box_verifier_moves_presence_and_boxes_only_as_far_as_its_
             torch.testing.assert_close(boxes3[f, 2:], res.boxes[0][f, 2:])
     assert any(bool(cand[f, 1, 0] > 0.5) and not bool(cand[f, 0, 0] > 0.5) for f in range(len(cand))), \
         "the test clip should have a frame where the verifier overrules the decoder"
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_ground_many_gives_what_ground_gives_clip_by_clip(small, constrained):
+    """Several clips with one prefill (prompts of different lengths, padded on the right): each clip's
+    answer, boxes and presence are those `ground` gives it alone, with every optional part on (box
+    verifier, refiner, temporal presence, tube linking), free text or constrained answers alike."""
+    _, proc = small
+    cfg = small_cfg(model=dict(SMALL, box_verifier=dict(VERIFIER, choose=5.0, presence=1.0), box_refiner=REFINER,
+                               temporal_presence={"track": True}, link_weight=0.5))
+    torch.manual_seed(0)
+    model, _ = new_tiny_model(cfg, seed=0)
+    model.eval()
+    clips = []
+    for step, query in enumerate(["the red circle", "the blue square that moves left", "green"]):
+        pixels = make_batch(small_cfg(min_frames=6), proc, step=step)["pixel_values_videos"][:1]
+        ids, text_mask = proc.encode_prompt(query, [0.5 * i for i in range(pixels.shape[1])])
+        shown = [bool(i % 2 == step % 2) for i in range(pixels.shape[1])]
+        cands = ([proc.encode_answer(0.0, 1.0 + step), proc.encode_answer(0.5, 2.0)], np.array([0.0, -0.5]))
+        clips.append({"input_ids": torch.tensor([ids]), "text_mask": torch.tensor([text_mask]),
+                      "pixel_values_videos": pixels, "box_frames": lambda _tokens, s=shown: s,
+                      "answer_candidates": (lambda _presence, c=cands: c) if constrained else None})
+    assert len({c["input_ids"].shape[1] for c in clips}) == 3
+    with torch.no_grad():
+        alone = [model.ground(c["input_ids"], torch.ones_like(c["input_ids"]), c["pixel_values_videos"],
+                              c["text_mask"], max_new_tokens=4, answer_candidates=c["answer_candidates"],
+                              box_frames=c["box_frames"]) for c in clips]
+        together = model.ground_many(clips, max_new_tokens=4)
+    assert len(together) == 3
+    for (tokens, boxes, presence), (tokens2, boxes2, presence2) in zip(alone, together):
+        assert tokens2 == tokens
+        torch.testing.assert_close(boxes2, boxes)
+        torch.testing.assert_close(presence2, presence)
+    with pytest.raises(ValueError, match="the same number of frames"):
+        model.ground_many([clips[0], dict(clips[1], pixel_values_videos=clips[1]["pixel_values_videos"][:, :4])])

@@ -43,6 +43,14 @@ def _cache_of(out):
     return getattr(out, "cache", None) if _CACHE == "cache" else out.past_key_values
 
 
+def _cache_row(cache, row: int, length: int, config):
+    """Clip `row`'s KV cache from a batch's, its first `length` positions (the padding after them cut)."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(layer.keys[row:row + 1, :, :length], layer.values[row:row + 1, :, :length])
+                         for layer in cache.layers], config=config)
+
+
 @dataclass
 class SpaceVLLMOutput(ModelOutput):
     """Training/forward output. `boxes` are normalised cxcywh per sampled frame (B, F, 4)."""
@@ -284,9 +292,9 @@ class BoxRefiner(_WindowLook):
         return boxes
 
 
-def _window_grid(windows: torch.Tensor, size: int, dtype: torch.dtype) -> torch.Tensor:
-    """(N, 4) normalised cxcywh windows -> (N, size, size, 2), grid_sample's sampling points."""
-    theta = torch.zeros(len(windows), 2, 3, dtype=dtype, device=windows.device)
+def _window_grid(windows: torch.Tensor, size: int) -> torch.Tensor:
+    """(N, 4) normalised cxcywh windows -> (N, size, size, 2) float32, grid_sample's sampling points."""
+    theta = torch.zeros(len(windows), 2, 3, dtype=torch.float32, device=windows.device)
     theta[:, 0, 0], theta[:, 1, 1] = windows[:, 2], windows[:, 3]
     theta[:, 0, 2], theta[:, 1, 2] = windows[:, 0] * 2 - 1, windows[:, 1] * 2 - 1
     return F.affine_grid(theta, [len(windows), 1, size, size], align_corners=False)
@@ -295,7 +303,13 @@ def _window_grid(windows: torch.Tensor, size: int, dtype: torch.dtype) -> torch.
 def crop_windows(pixels: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tensor:
     """(N, C, S, S) frames, (N, 4) normalised cxcywh windows -> (N, C, size, size), bilinear (the
     edge pixels repeat outside the frame)."""
-    grid = _window_grid(windows, size, pixels.dtype)
+    return _grid_sample(pixels.float(), _window_grid(windows, size)).to(pixels.dtype)
+
+
+def _grid_sample(pixels: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Bilinear sampling, border padding; callers sample in float32 whatever the model's dtype: in bfloat16
+    on a CPU PyTorch's grid_sample runs 2-3x slower than converting to float32 and back (no vectorised
+    kernel), and the windows' sample points keep their precision."""
     return F.grid_sample(pixels, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -362,15 +376,16 @@ class BoxVerifier(_WindowLook):
         frame is sampled through all its windows at once, where `embed` would first gather a copy of
         the frame for each window (three views of 48 places: 28 MB of copies a clip)."""
         f, k = boxes.shape[:2]
-        grid = _window_grid(self.windows(boxes.detach().reshape(-1, 4)), self.crop, frames.dtype)
+        grid = _window_grid(self.windows(boxes.detach().reshape(-1, 4)), self.crop)
         grid = grid.view(f, k * self.crop, self.crop, 2)  # each frame's windows stacked down the rows
         near = torch.arange(f, device=frames.device)
+        dtype, frames = frames.dtype, frames.float()  # sampled in float32 (see _grid_sample)
         views = []
         for shift in (-1, 0, 1):
             src = frames if shift == 0 else frames[(near + shift).clamp(0, f - 1)]
-            out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            out = _grid_sample(src, grid)
             views.append(out.view(f, -1, k, self.crop, self.crop).transpose(1, 2).flatten(0, 1))
-        return self.visual(self.features(torch.cat(views, 1)))
+        return self.visual(self.features(torch.cat(views, 1).to(dtype)))
 
     def match(self, v: torch.Tensor, sentence: torch.Tensor) -> torch.Tensor:
         """Windows' embeddings (N, d), sentences (N, 2 D) -> (N,) match logits."""
@@ -752,6 +767,46 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
+        return self._ground_prefilled(input_ids, attention_mask, pixel_values_videos, text_mask, res, past, hidden,
+                                      max_new_tokens, eos_token_id, answer_candidates, box_frames, refine_all)
+
+    @torch.no_grad()
+    def ground_many(self, clips: list[dict], max_new_tokens: int = 16, eos_token_id: int | None = None,
+                    refine_all: bool = False) -> list[tuple]:
+        """`ground` for several clips with one prefill: what `ground` returns for each, in order.
+
+        Each clip is a dict of `input_ids` (1, L), `pixel_values_videos` (1, F, 3, S, S), `text_mask`
+        (1, L) and optionally `answer_candidates` and `box_frames` (see `ground`); all with the same F and S.
+        The prompts are padded on the right, so every real token sees exactly what it sees alone (causal
+        attention never reaches the padding after it) at the same position, and each clip's KV cache is
+        cut to its own length before its answer. The prefill is the larger half of a clip's compute,
+        and a batch of clips runs it more efficiently (bfloat16 on a CPU: a quarter less per clip at 4);
+        the rest (verifier, answer, linking, refiner) runs clip by clip as in `ground`. Results equal
+        `ground`'s up to float rounding (the matrix products see other shapes)."""
+        if len({c["pixel_values_videos"].shape for c in clips}) > 1:
+            raise ValueError("ground_many: the clips must have the same number of frames, of the same size")
+        lens = [int(c["input_ids"].shape[1]) for c in clips]
+        longest = max(lens)
+        ids = clips[0]["input_ids"].new_full((len(clips), longest), self.config.pad_token_id or 0)
+        mask = torch.zeros_like(ids)
+        tmask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+        for i, (c, n) in enumerate(zip(clips, lens)):
+            ids[i, :n], mask[i, :n], tmask[i, :n] = c["input_ids"][0], 1, c["text_mask"][0]
+        pixels = torch.cat([c["pixel_values_videos"] for c in clips])
+        res, past, hidden = self.ground_forward(ids, mask, pixels, tmask, use_cache=True)
+        out = []
+        for i, (c, n) in enumerate(zip(clips, lens)):
+            one = SpaceVLLMOutput(boxes=res.boxes[i:i + 1], presence_logits=res.presence_logits[i:i + 1],
+                                  point_logits=res.point_logits[i:i + 1])
+            out.append(self._ground_prefilled(
+                ids[i:i + 1, :n], mask[i:i + 1, :n], pixels[i:i + 1], tmask[i:i + 1, :n], one,
+                _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n], max_new_tokens, eos_token_id,
+                c.get("answer_candidates"), c.get("box_frames"), refine_all))
+        return out
+
+    def _ground_prefilled(self, input_ids, attention_mask, pixel_values_videos, text_mask, res, past, hidden,
+                          max_new_tokens, eos_token_id, answer_candidates, box_frames, refine_all):
+        """`ground` after its prefill, for one clip (batch 1)."""
         presence, boxes, point = res.presence_logits[0], res.boxes[0].clone(), res.point_logits[0]
         verifier = getattr(self.space_decoder, "verifier", None)
         if verifier is not None and (verifier.choose or verifier.presence):
@@ -841,31 +896,46 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """Sum of log-probabilities of each candidate answer after the prompt whose cache is `past`
         (batch 1; `last_hidden` (1, D) is the prompt's last hidden state). `past` is left as it was.
 
-        All candidates are scored in one pass of batch 1: their tokens follow the prompt side by
-        side, each attending to the prompt and to its own earlier tokens only (a block-causal 4D
-        mask; each candidate's positions restart right after the prompt). The prompt's cache is
-        never copied: batching K candidates the usual way would repeat it K times (~6 GB for a
-        64-frame 7B prompt), and on CPU the copies cost more than the scoring."""
+        All candidates are scored in one pass of batch 1, as a prefix tree: the candidates share their
+        first tokens ("from 1 . 2 to ..." with two ends share five), so each distinct prefix is one token,
+        attending to the prompt and to its own earlier tokens only (a 4D mask; its position is its depth
+        after the prompt), and its output scores every candidate that continues it. Each candidate gets
+        exactly what teacher forcing it alone would give, from about half the tokens for the joint
+        decoder's 8 answers. The prompt's cache is never copied: batching K candidates the usual way
+        would repeat it K times (~6 GB for a 64-frame 7B prompt), and on CPU the copies cost more than
+        the scoring."""
         dev = attention_mask.device
         first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
         total = first[torch.tensor([c[0] for c in candidates], device=dev)]
-        inputs = [c[:-1] for c in candidates]  # token j of a candidate predicts its token j + 1
-        if not any(inputs):
+        node_of: dict[tuple, int] = {}  # a prefix -> its token's place in the pass
+        ids, pos, parent, owner, node, target = [], [], [], [], [], []
+        for i, c in enumerate(candidates):
+            for j in range(len(c) - 1):  # token j of a candidate predicts its token j + 1
+                key = tuple(c[:j + 1])
+                if key not in node_of:
+                    node_of[key] = len(ids)
+                    ids.append(c[j])
+                    pos.append(j)
+                    parent.append(node_of[key[:-1]] if j else -1)
+                owner.append(i)
+                node.append(node_of[key])
+                target.append(c[j + 1])
+        if not ids:
             return total
-        owner = torch.tensor([i for i, x in enumerate(inputs) for _ in x], device=dev)
-        pos = torch.tensor([j for x in inputs for j in range(len(x))], device=dev)
-        ids = torch.tensor([t for x in inputs for t in x], device=dev)
+        n = len(ids)
+        sees_own = torch.eye(n, dtype=torch.bool)  # a token sees itself and its ancestors (parents come first)
+        for k, up in enumerate(parent):
+            if up >= 0:
+                sees_own[k] |= sees_own[up]
         n_prompt = attention_mask.shape[1]
-        sees = torch.cat([attention_mask[0].bool().expand(len(ids), -1),
-                          (owner[:, None] == owner[None, :]) & (pos[:, None] >= pos[None, :])], 1)
+        sees = torch.cat([attention_mask[0].bool().expand(n, -1), sees_own.to(dev)], 1)
         dtype = self.model.language_model.embed_tokens.weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float16  # quantized embeddings
         mask = torch.zeros(sees.shape, dtype=dtype, device=dev).masked_fill_(~sees, torch.finfo(dtype).min)
-        out = self.model.language_model(input_ids=ids[None], attention_mask=mask[None, None],
-                                        position_ids=(n_prompt + pos)[None], use_cache=True,
+        out = self.model.language_model(input_ids=torch.tensor([ids], device=dev), attention_mask=mask[None, None],
+                                        position_ids=(n_prompt + torch.tensor(pos, device=dev))[None], use_cache=True,
                                         **{_CACHE: past})
-        past.crop(-len(ids))  # back to the prompt alone
+        past.crop(-n)  # back to the prompt alone
         logp = torch.log_softmax(self.lm_head(out.last_hidden_state[0]).float(), -1)
-        targets = torch.tensor([t for c in candidates for t in c[1:]], device=dev)
-        tok = logp.gather(-1, targets[:, None])[:, 0]
-        return total.index_add(0, owner, tok)
+        tok = logp[torch.tensor(node, device=dev), torch.tensor(target, device=dev)]
+        return total.index_add(0, torch.tensor(owner, device=dev), tok)
