@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 
 import numpy as np
@@ -136,7 +137,8 @@ def run_model(loaded, prep: dict, all_boxes: bool = False):
 
 def run_models(loaded, preps: list[dict], all_boxes: bool = False) -> list[tuple]:
     """`run_model` for several clips of the same frame count with one prefill (the model's `ground_many`):
-    the same results up to float rounding, for less compute per clip. Each clip's seconds are its share."""
+    the same results up to float rounding, for less compute per clip. Each clip's seconds are its share.
+    Clips that do not fit in GPU memory together are grounded one at a time (with a note on stderr)."""
     import torch
 
     from .weights import cuda_oom_guard
@@ -144,22 +146,29 @@ def run_models(loaded, preps: list[dict], all_boxes: bool = False) -> list[tuple
     dev, model = loaded.device, loaded.model
     t0 = time.perf_counter()
     n_frames = len(preps[0]["sampled"].indices)
-    clips = []
-    with cuda_oom_guard(model.config, loaded.quantization, n_frames, dev, model.dtype.itemsize), \
-            torch.inference_mode():
-        for prep in preps:
-            ids = torch.tensor([prep["ids"]], device=dev)
-            clips.append({"input_ids": ids, "text_mask": torch.tensor([prep["text_mask"]], device=dev),
-                          "pixel_values_videos": torch.from_numpy(prep["pixels"])[None].to(dev, dtype=model.dtype),
-                          "answer_candidates": _joint(loaded, prep) if loaded.span_decoding == "joint" else None,
-                          "box_frames": _shown(loaded, prep)})
+    with torch.inference_mode():
+        clips = [{"input_ids": torch.tensor([prep["ids"]], device=dev),
+                  "text_mask": torch.tensor([prep["text_mask"]], device=dev),
+                  "pixel_values_videos": torch.from_numpy(prep["pixels"])[None].to(dev, dtype=model.dtype),
+                  "answer_candidates": _joint(loaded, prep) if loaded.span_decoding == "joint" else None,
+                  "box_frames": _shown(loaded, prep)} for prep in preps]
         if len(clips) == 1:
             c = clips[0]
-            out = [model.ground(c["input_ids"], torch.ones_like(c["input_ids"]), c["pixel_values_videos"],
-                                c["text_mask"], max_new_tokens=24, answer_candidates=c["answer_candidates"],
-                                box_frames=c["box_frames"], refine_all=all_boxes)]
+            with cuda_oom_guard(model.config, loaded.quantization, n_frames, dev, model.dtype.itemsize):
+                out = [model.ground(c["input_ids"], torch.ones_like(c["input_ids"]), c["pixel_values_videos"],
+                                    c["text_mask"], max_new_tokens=24, answer_candidates=c["answer_candidates"],
+                                    box_frames=c["box_frames"], refine_all=all_boxes)]
         else:
-            out = model.ground_many(clips, max_new_tokens=24, refine_all=all_boxes)
+            try:
+                out = model.ground_many(clips, max_new_tokens=24, refine_all=all_boxes)
+            except torch.cuda.OutOfMemoryError:
+                out = None  # retried below, once the failed try's tensors are freed with its traceback
+    if out is None:
+        del clips
+        torch.cuda.empty_cache()
+        print(f"stg: note: {len(preps)} clips at once do not fit in GPU memory; grounding them one at a time "
+              "(a smaller --batch-size avoids the retry)", file=sys.stderr)
+        return [r for prep in preps for r in run_models(loaded, [prep], all_boxes)]
     share = (time.perf_counter() - t0) / len(preps)
     return [(loaded.processor.decode(tokens), boxes.float().cpu().numpy(), presence.float().cpu().numpy(), share)
             for tokens, boxes, presence in out]

@@ -276,6 +276,8 @@ def test_answer_log_likelihood_matches_a_full_forward(small):
     cands = [proc.encode_answer(0.0, 1.5), proc.encode_answer(12.5, 13.0), proc.encode_answer(2.0, 2.0),
              proc.encode_answer(0.0, 1.5)[:1], proc.encode_answer(0.0, 2.5)]
     assert len({len(c) for c in cands}) > 2  # blocks of different lengths, one of a single token
+    from stgcli.models.spacevllm.modeling_spacevllm import _PAD_TO
+
     prefixes = {tuple(c[:j + 1]) for c in cands for j in range(len(c) - 1)}
     assert len(prefixes) < sum(len(c) - 1 for c in cands)  # shared first tokens ("from 0 . 0 to")
     fed = []
@@ -285,7 +287,8 @@ def test_answer_log_likelihood_matches_a_full_forward(small):
         fed.clear()
         got = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands)
         hook.remove()
-        assert fed == [(1, len(prefixes))]  # one pass, a token per distinct prefix
+        # one pass, a token per distinct prefix (and filler up to a multiple of _PAD_TO, seen by none)
+        assert fed == [(1, len(prefixes) + -len(prefixes) % _PAD_TO)] and len(prefixes) % _PAD_TO
         assert past.get_seq_length() == n_prompt  # the prompt's cache is left as it was
         again = model.answer_log_likelihood(past, torch.ones_like(ids), hidden[:, -1], cands[::-1])
         torch.testing.assert_close(again.flip(0), got, atol=1e-4, rtol=1e-4)  # order-free
@@ -733,6 +736,8 @@ def test_box_verifier_reads_the_window_in_its_frame_and_the_neighbouring_frames(
     with torch.no_grad():
         one_by_one = ver.embed(pixels, torch.zeros_like(frame), frame, places.view(-1, 4))
         torch.testing.assert_close(ver.embed_places(pixels[0], places), one_by_one)
+        single = ver.embed(pixels[:, :1], torch.zeros(3, dtype=torch.long), torch.zeros(3, dtype=torch.long), places[0])
+        torch.testing.assert_close(ver.embed_places(pixels[0, :1], places[:1]), single)  # a clip of one frame
     with pytest.raises(ValueError, match="unknown setting 'candidate'"):
         BoxVerifier(8, {"candidate": 2})
 

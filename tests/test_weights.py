@@ -575,6 +575,41 @@ def test_oom_during_grounding_is_one_line_too(monkeypatch):
         run_model(loaded, prep)
 
 
+def test_a_batch_that_does_not_fit_in_gpu_memory_is_grounded_clip_by_clip(monkeypatch, capsys):
+    """run_models with several clips: a CUDA OOM in their shared prefill retries them one at a time (a note
+    says so), and each clip's result is its own; an OOM of a single clip is still the advice."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from stgcli.models.spacevllm.configuration_spacevllm import spacevllm_7b_config
+    from stgcli.pipeline import run_models
+    from stgcli.weights import LoadedModel
+
+    calls = []
+
+    def ground_many(clips, **k):
+        calls.append(len(clips))
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    def ground(ids, mask, pixels, text_mask, **k):
+        calls.append(1)
+        f = pixels.shape[1]
+        return [int(ids[0, 0])], torch.full((f, 4), float(ids[0, 0])), torch.zeros(f)
+
+    model = SimpleNamespace(config=spacevllm_7b_config(), dtype=torch.float32, ground=ground, ground_many=ground_many)
+    proc = SimpleNamespace(decode=lambda tokens: f"clip {tokens[0]}")
+    loaded = LoadedModel(model=model, processor=proc, name="spacevllm-7b", sha256=None, device="cpu",
+                         dtype="float32", quantization="4bit", default_frames=4, span_decoding="text")
+    preps = [{"ids": [k, 2, 3], "text_mask": [True, False, False], "pixels": np.zeros((4, 3, 4, 4), np.float32),
+              "sampled": SimpleNamespace(indices=list(range(4)))} for k in (7, 8, 9)]
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    out = run_models(loaded, preps)
+    assert calls == [3, 1, 1, 1]
+    assert [o[0] for o in out] == ["clip 7", "clip 8", "clip 9"] and float(out[2][1][0, 0]) == 9.0
+    assert "3 clips at once do not fit in GPU memory; grounding them one at a time" in capsys.readouterr().err
+
+
 def test_cli_init_then_ground_end_to_end(capsys, source, tmp_path):
     """`stg weights init` with its defaults (7B decoder sizes), then `stg ground` on the result:
     an untrained model still gives a valid stg.grounding/v1 document through the user path."""
