@@ -889,6 +889,8 @@ def test_ground_many_gives_what_ground_gives_clip_by_clip(small, constrained):
         ids, text_mask = proc.encode_prompt(query, [0.5 * i for i in range(pixels.shape[1])])
         shown = [bool(i % 2 == step % 2) for i in range(pixels.shape[1])]
         cands = ([proc.encode_answer(0.0, 1.0 + step), proc.encode_answer(0.5, 2.0)], np.array([0.0, -0.5]))
+        if step == 1:  # "not there": the empty answer, and the other two scored without this clip's row
+            cands = ([[]], np.array([0.0]))
         clips.append({"input_ids": torch.tensor([ids]), "text_mask": torch.tensor([text_mask]),
                       "pixel_values_videos": pixels, "box_frames": lambda _tokens, s=shown: s,
                       "answer_candidates": (lambda _presence, c=cands: c) if constrained else None})
@@ -899,6 +901,7 @@ def test_ground_many_gives_what_ground_gives_clip_by_clip(small, constrained):
                               box_frames=c["box_frames"]) for c in clips]
         together = model.ground_many(clips, max_new_tokens=4)
     assert len(together) == 3
+    assert (alone[1][0] == []) == constrained
     for (tokens, boxes, presence), (tokens2, boxes2, presence2) in zip(alone, together):
         assert tokens2 == tokens
         torch.testing.assert_close(boxes2, boxes)

@@ -57,6 +57,34 @@ def _cache_row(cache, row: int, length: int, config):
                          for layer in cache.layers], config=config)
 
 
+def _cache_rows(cache, rows: list[int], config):
+    """A copy of rows `rows` of a batch's KV cache."""
+    from transformers import DynamicCache
+
+    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
+
+
+def _prefix_tree(candidates: list[list[int]]) -> tuple[list, list, list, list, list, list]:
+    """Candidate answers as a prefix tree, for scoring them in one pass: a token per distinct prefix
+    (all but each candidate's last token: token j predicts token j + 1), with its depth and its parent's
+    place (-1 at the root), parents first; and, per predicted token, its candidate (owner), the tree
+    token whose output predicts it (node) and the token predicted (target)."""
+    node_of: dict[tuple, int] = {}
+    ids, pos, parent, owner, node, target = [], [], [], [], [], []
+    for i, c in enumerate(candidates):
+        for j in range(len(c) - 1):
+            key = tuple(c[:j + 1])
+            if key not in node_of:
+                node_of[key] = len(ids)
+                ids.append(c[j])
+                pos.append(j)
+                parent.append(node_of[key[:-1]] if j else -1)
+            owner.append(i)
+            node.append(node_of[key])
+            target.append(c[j + 1])
+    return ids, pos, parent, owner, node, target
+
+
 @dataclass
 class SpaceVLLMOutput(ModelOutput):
     """Training/forward output. `boxes` are normalised cxcywh per sampled frame (B, F, 4)."""
@@ -774,8 +802,10 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         """
         res, past, hidden = self.ground_forward(input_ids, attention_mask, pixel_values_videos, text_mask,
                                                 use_cache=True)
-        return self._ground_prefilled(input_ids, attention_mask, pixel_values_videos, text_mask, res, past, hidden,
-                                      max_new_tokens, eos_token_id, answer_candidates, box_frames, refine_all)
+        point, presence, boxes = self._scored(input_ids, pixel_values_videos, text_mask, res, hidden)
+        tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
+                              answer_candidates)
+        return tokens, self._shown_boxes(tokens, boxes, point, res, pixel_values_videos, box_frames, refine_all), presence
 
     @torch.no_grad()
     def ground_many(self, clips: list[dict], max_new_tokens: int = 16, eos_token_id: int | None = None,
@@ -803,27 +833,49 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             ids[i, :n], tmask[i, :n] = c["input_ids"][0], c["text_mask"][0]
         pixels = torch.cat([c["pixel_values_videos"] for c in clips])
         res, past, hidden = self.ground_forward(ids, mask, pixels, tmask, use_cache=True)
-        out = []
-        for i, (c, n) in enumerate(zip(clips, lens)):
-            one = SpaceVLLMOutput(boxes=res.boxes[i:i + 1], presence_logits=res.presence_logits[i:i + 1],
-                                  point_logits=res.point_logits[i:i + 1])
-            out.append(self._ground_prefilled(
-                ids[i:i + 1, :n], mask[i:i + 1, :n], pixels[i:i + 1], tmask[i:i + 1, :n], one,
-                _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n], max_new_tokens, eos_token_id,
-                c.get("answer_candidates"), c.get("box_frames"), refine_all))
-        return out
+        rows = [SpaceVLLMOutput(boxes=res.boxes[i:i + 1], presence_logits=res.presence_logits[i:i + 1],
+                                point_logits=res.point_logits[i:i + 1]) for i in range(len(clips))]
+        scored = [self._scored(ids[i:i + 1, :n], pixels[i:i + 1], tmask[i:i + 1, :n], rows[i], hidden[i:i + 1, :n])
+                  for i, n in enumerate(lens)]
+        # The answers: constrained ones scored for all clips in one pass over the batch's cache (see
+        # answer_log_likelihoods), free text clip by clip on each clip's own cache.
+        tokens: list = [None] * len(clips)
+        asked = {}
+        for i, (c, (_, presence, _)) in enumerate(zip(clips, scored)):
+            if c.get("answer_candidates") is not None:
+                candidates, prior = c["answer_candidates"](presence.float().cpu())
+                if candidates == [[]]:  # absent: the empty answer, no language model needed
+                    tokens[i] = []
+                elif candidates:
+                    asked[i] = (candidates, prior)
+        if asked:
+            order = sorted(asked)
+            lms = self.answer_log_likelihoods(past, [lens[i] for i in order], hidden[order, [lens[i] - 1 for i in order]],
+                                              [asked[i][0] for i in order], rows=order)
+            for i, lm in zip(order, lms):
+                candidates, prior = asked[i]
+                tokens[i] = list(candidates[int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())])
+        for i, n in enumerate(lens):
+            if tokens[i] is None:
+                tokens[i] = self._answer(rows[i], _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n],
+                                         mask[i:i + 1, :n], scored[i][1], max_new_tokens, eos_token_id, None)
+        return [(tokens[i], self._shown_boxes(tokens[i], boxes, point, rows[i], pixels[i:i + 1], c.get("box_frames"),
+                                              refine_all), presence)
+                for i, (c, (point, presence, boxes)) in enumerate(zip(clips, scored))]
 
-    def _ground_prefilled(self, input_ids, attention_mask, pixel_values_videos, text_mask, res, past, hidden,
-                          max_new_tokens, eos_token_id, answer_candidates, box_frames, refine_all):
-        """`ground` after its prefill, for one clip (batch 1)."""
+    def _scored(self, input_ids, pixel_values_videos, text_mask, res, hidden):
+        """One clip's (batch 1) pointing scores, presence (probabilities) and boxes after its prefill, the box
+        verifier's say included (see `ground`)."""
         presence, boxes, point = res.presence_logits[0], res.boxes[0].clone(), res.point_logits[0]
         verifier = getattr(self.space_decoder, "verifier", None)
         if verifier is not None and (verifier.choose or verifier.presence):
             sentence = self._verifier_sentence(input_ids, hidden, text_mask)
             point, presence, boxes = self._verify(pixel_values_videos, sentence, point, presence, boxes)
-        presence = torch.sigmoid(presence + self.config.presence_bias)
-        tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
-                              answer_candidates)
+        return point, torch.sigmoid(presence + self.config.presence_bias), boxes
+
+    def _shown_boxes(self, tokens, boxes, point, res, pixel_values_videos, box_frames, refine_all):
+        """One clip's boxes once its answer is known: tube linking through the frames the answer shows,
+        then the refiner (see `ground`)."""
         shown = torch.ones(len(boxes), dtype=torch.bool) if box_frames is None else torch.as_tensor(
             box_frames(tokens), dtype=torch.bool)
         shown = shown.to(boxes.device)
@@ -833,7 +885,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         refine = torch.ones_like(shown) if refine_all else shown
         if self.config.box_refiner is not None and bool(refine.any()):
             boxes[refine] = self.space_decoder.refiner.refine(pixel_values_videos[0][refine], boxes[refine])
-        return tokens, boxes, presence
+        return boxes
 
     def _verify(self, pixels: torch.Tensor, sentence: torch.Tensor, point: torch.Tensor, presence: torch.Tensor,
                 boxes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -904,49 +956,59 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                               candidates: list[list[int]]) -> torch.Tensor:
         """Sum of log-probabilities of each candidate answer after the prompt whose cache is `past`
         (batch 1; `last_hidden` (1, D) is the prompt's last hidden state). `past` is left as it was.
+        See `answer_log_likelihoods`, which does this for several clips at once."""
+        return self.answer_log_likelihoods(past, [attention_mask.shape[1]], last_hidden, [candidates])[0]
 
-        All candidates are scored in one pass of batch 1, as a prefix tree: the candidates share their
-        first tokens ("from 1 . 2 to ..." with two ends share five), so each distinct prefix is one token,
-        attending to the prompt and to its own earlier tokens only (a 4D mask; its position is its depth
-        after the prompt), and its output scores every candidate that continues it. Each candidate gets
-        exactly what teacher forcing it alone would give, from about half the tokens for the joint
-        decoder's 8 answers. The prompt's cache is never copied: batching K candidates the usual way
-        would repeat it K times (~6 GB for a 64-frame 7B prompt), and on CPU the copies cost more than
-        the scoring."""
-        dev = attention_mask.device
-        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)[0]
-        total = first[torch.tensor([c[0] for c in candidates], device=dev)]
-        node_of: dict[tuple, int] = {}  # a prefix -> its token's place in the pass
-        ids, pos, parent, owner, node, target = [], [], [], [], [], []
-        for i, c in enumerate(candidates):
-            for j in range(len(c) - 1):  # token j of a candidate predicts its token j + 1
-                key = tuple(c[:j + 1])
-                if key not in node_of:
-                    node_of[key] = len(ids)
-                    ids.append(c[j])
-                    pos.append(j)
-                    parent.append(node_of[key[:-1]] if j else -1)
-                owner.append(i)
-                node.append(node_of[key])
-                target.append(c[j + 1])
-        if not ids:
-            return total
-        pad = -len(ids) % _PAD_TO  # filler tokens, seen by none: a few lengths, not one per clip
-        ids, pos, parent = ids + [self.config.pad_token_id or 0] * pad, pos + [0] * pad, parent + [-1] * pad
-        n = len(ids)
-        sees_own = torch.eye(n, dtype=torch.bool)  # a token sees itself and its ancestors (parents come first)
-        for k, up in enumerate(parent):
-            if up >= 0:
-                sees_own[k] |= sees_own[up]
-        n_prompt = attention_mask.shape[1]
-        sees = torch.cat([attention_mask[0].bool().expand(n, -1), sees_own.to(dev)], 1)
+    @torch.no_grad()
+    def answer_log_likelihoods(self, past, prompt_lens: list[int], last_hidden: torch.Tensor,
+                               candidates: list[list[list[int]]], rows: list[int] | None = None) -> list[torch.Tensor]:
+        """`answer_log_likelihood` for several clips in one pass: clip i's prompt is row `rows[i]` of the
+        cache `past` (default: row i), its first `prompt_lens[i]` positions (the rest is padding, which
+        nothing attends to); `last_hidden` (B, D) their prompts' last hidden states. `past` is left as it was.
+
+        Each clip's candidates are scored as a prefix tree: the candidates share their first tokens ("from
+        1 . 2 to ..." with two ends share five), so each distinct prefix is one token, attending to its
+        clip's prompt and to its own earlier tokens only (a 4D mask; its position is its depth after the
+        prompt), and its output scores every candidate that continues it. Each candidate gets exactly what
+        teacher forcing it alone would give, from about half the tokens for the joint decoder's 8 answers.
+        The prompt's cache is never copied for the candidates: batching K candidates the usual way would
+        repeat it K times (~6 GB for a 64-frame 7B prompt), and on CPU the copies cost more than the
+        scoring."""
+        dev = last_hidden.device
+        first = torch.log_softmax(self.lm_head(last_hidden).float(), -1)
+        totals = [first[i, torch.tensor([c[0] for c in cands], device=dev)] for i, cands in enumerate(candidates)]
+        trees = [_prefix_tree(cands) for cands in candidates]
+        n = max(len(t[0]) for t in trees)
+        if n == 0:
+            return totals
+        n += -n % _PAD_TO  # filler tokens, seen by none: a few lengths, not one per clip
+        b, cached = len(candidates), past.get_seq_length()
+        ids = torch.full((b, n), self.config.pad_token_id or 0, dtype=torch.long)
+        pos = torch.zeros((b, n), dtype=torch.long)
+        sees = torch.zeros((b, n, cached + n), dtype=torch.bool)
+        sees[:, torch.arange(n), cached + torch.arange(n)] = True  # each token itself (all a filler sees of the rest)
+        for i, (tree_ids, tree_pos, parent, _, _, _) in enumerate(trees):
+            m = len(tree_ids)
+            ids[i, :m], pos[i, :m] = torch.tensor(tree_ids, dtype=torch.long), torch.tensor(tree_pos, dtype=torch.long)
+            sees[i, :, :prompt_lens[i]] = True  # the clip's prompt, not the padding after it
+            for k, up in enumerate(parent):  # and a tree token its ancestors (parents come first)
+                if up >= 0:
+                    sees[i, k, cached:cached + m] |= sees[i, up, cached:cached + m]
         dtype = self.model.language_model.embed_tokens.weight.dtype
         dtype = dtype if dtype.is_floating_point else torch.float16  # quantized embeddings
-        mask = torch.zeros(sees.shape, dtype=dtype, device=dev).masked_fill_(~sees, torch.finfo(dtype).min)
-        out = self.model.language_model(input_ids=torch.tensor([ids], device=dev), attention_mask=mask[None, None],
-                                        position_ids=(n_prompt + torch.tensor(pos, device=dev))[None], use_cache=True,
-                                        **{_CACHE: past})
-        past.crop(-n)  # back to the prompt alone
-        logp = torch.log_softmax(self.lm_head(out.last_hidden_state[0]).float(), -1)
-        tok = logp[torch.tensor(node, device=dev), torch.tensor(target, device=dev)]
-        return total.index_add(0, torch.tensor(owner, device=dev), tok)
+        mask = torch.zeros(sees.shape, dtype=dtype).masked_fill_(~sees, torch.finfo(dtype).min).to(dev)
+        rows = list(range(b)) if rows is None else list(rows)
+        # A batch's prefill cache holds other rows too: the clips asked get a cache of their rows (a copy
+        # of a few hundred kB), the batch's own is left alone.
+        cache = past if rows == list(range(len(past.layers[0].keys))) else _cache_rows(past, rows, self.config.text_config)
+        out = self.model.language_model(input_ids=ids.to(dev), attention_mask=mask[:, None],
+                                        position_ids=(torch.tensor(prompt_lens)[:, None] + pos).to(dev), use_cache=True,
+                                        **{_CACHE: cache})
+        if cache is past:
+            past.crop(-n)  # back to the prompt alone
+        logp = torch.log_softmax(self.lm_head(out.last_hidden_state).float(), -1)
+        for i, (_, _, _, owner, node, target) in enumerate(trees):
+            if owner:
+                tok = logp[i, torch.tensor(node, device=dev), torch.tensor(target, device=dev)]
+                totals[i] = totals[i].index_add(0, torch.tensor(owner, device=dev), tok)
+        return totals
