@@ -461,18 +461,19 @@ def _declared_seconds(container, stream) -> float | None:
     return None
 
 
-def _scan(path: str | os.PathLike, verify_tail: bool = True) -> _Scan:
+def _scan(path: str | os.PathLike, verify_tail: bool = True, threads: int = 0) -> _Scan:
     """Demux once, verify the tail decodes, and derive every fact `VideoInfo` reports.
 
     Fast path: packet timestamps plus a decode of the last GOP. Slow path (no usable
     timestamps, no seek index, or a tail that does not decode): decode everything once.
     With `verify_tail=False` the fast path skips the tail decode and returns a provisional
     scan (one frame per packet); `sample_frames` then checks the tail as it reads it, which
-    saves decoding a short clip's single GOP twice.
+    saves decoding a short clip's single GOP twice. `threads` as for `_open`: decoding one or a few
+    frames, FFmpeg's own choice (a frame thread per core) costs a batch's decoder more than the frames.
     """
     import av
 
-    with _open(path) as container:
+    with _open(path, threads) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         pk = _demux_packets(container, stream)
@@ -600,7 +601,7 @@ def sample_frames(path: str | os.PathLike, num_frames: int, start_s: float | Non
     _check_args(path, num_frames, size, backend)
     scan, frames = _sample_single_pass(path, num_frames, start_s, end_s, size, backend, threads)
     if frames is None:  # the careful way: tail verified first, then the chosen backend
-        scan = _scan(path)
+        scan = _scan(path, threads=threads)
         lo, hi = _window(scan, start_s, end_s)
         idx = sample_indices(scan.info.num_frames, num_frames, lo, hi)
         use = scan.info.backend if backend == "auto" else backend
@@ -630,7 +631,7 @@ def _sample_single_pass(path, num_frames: int, start_s, end_s, size, backend: st
     """
     if backend == "decord":
         return None, None
-    scan = _scan(path, verify_tail=False)
+    scan = _scan(path, verify_tail=False, threads=threads)
     if not scan.provisional:
         return None, None
     lo, hi = _window(scan, start_s, end_s)

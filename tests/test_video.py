@@ -105,6 +105,21 @@ def test_one_decoder_thread_gives_the_same_frames(clip, name, backend):
     assert codes(b.frames) == b.indices.tolist()
 
 
+@pytest.mark.parametrize("window", [(None, None), (0.0, 0.5)])  # the one-pass read, and the careful scan + read
+def test_one_decoder_thread_holds_for_every_open_of_the_file(clip, monkeypatch, window):
+    """threads=1 reaches the scan's opens too: FFmpeg's own choice there (a frame thread per core) cost a
+    batch's decoder more than the one or few frames the scan decodes."""
+    seen, real = [], video._open
+
+    def noting(path, threads=0):
+        seen.append(threads)
+        return real(path, threads)
+
+    monkeypatch.setattr(video, "_open", noting)
+    video.sample_frames(clip("h264.mp4"), 5, window[0], window[1], size=(64, 48), backend="pyav", threads=1)
+    assert seen and set(seen) == {1}
+
+
 @needs_decord
 @pytest.mark.parametrize("name", ["h264.mp4", "vp9.webm", "mjpeg.avi", "odd.avi"])
 def test_backends_agree(clip, name):
