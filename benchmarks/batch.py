@@ -223,7 +223,8 @@ def run_batch(manifest: Path, n: int, workers: int, tmp: Path, model: bool = Tru
     split = ({"main_cpu_s_per_clip": (cpu[cpu_to][0] - cpu[10][0]) / (cpu_to - 10),
               "workers_cpu_s_per_clip": (cpu[cpu_to][1] - cpu[10][1]) / (cpu_to - 10),
               "cpu_lines": [10, cpu_to]} if cpu_to in cpu and 10 in cpu else {})
-    return {"workers": workers, "dtype": dtype, "batch_size": batch_size, "startup_s": stamps[0] - t_start, "steady_s_per_clip": steady,
+    return {"workers": workers, "dtype": dtype, "batch_size": batch_size, "startup_s": stamps[0] - t_start,
+            "steady_s_per_clip": steady,
             **split,
             "total_s": time.perf_counter() - t_start, "failed": failed,
             "in_worker_decode_s": decode, "model_s": model,

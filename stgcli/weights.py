@@ -601,6 +601,17 @@ def gpu_half_dtype(device: str):
     return torch.bfloat16 if major >= 8 else torch.float16
 
 
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU has bfloat16 instructions (AVX512-BF16 or AMX), where --dtype bfloat16 is faster than
+    float32; elsewhere it is emulated. Asks torch's CPU feature checks (private, hence guarded)."""
+    import torch
+
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except Exception:  # noqa: BLE001 - an older or newer torch without them: no hint, nothing else changes
+        return False
+
+
 def resolve_dtype(dtype: str, device: str):
     """The torch dtype the unquantized weights run in. auto: bfloat16 on a GPU that computes in it
     (Ampere and later), else float16; float32 on a CPU. bfloat16 on a CPU is opt-in: it is faster

@@ -729,3 +729,20 @@ def test_resume_into_another_models_output_is_refused(folder, tmp_path, model):
             run_batch(folder, out, query="the blue square", progress=False, **kwargs)
     assert out.read_bytes() == before
     assert run_batch(folder, out, query="the blue square", model=model, progress=False).grounded == 3
+
+
+@pytest.mark.parametrize("has_bf16, dtype, noted", [(True, "auto", True), (True, "float32", False),
+                                                     (False, "auto", False)])
+def test_a_float32_batch_on_a_bf16_cpu_notes_the_faster_dtype(folder, tmp_path, monkeypatch, capsys, has_bf16, dtype,
+                                                               noted):
+    """float32 stays the CPU default, but on a CPU with bfloat16 instructions a batch left at --dtype auto
+    says once that --dtype bfloat16 is faster there; an explicit --dtype, or a CPU without them, gets no note."""
+    from stgcli import weights
+
+    monkeypatch.setattr(weights, "cpu_computes_bf16", lambda: has_bf16)
+    out = tmp_path / "r.jsonl"
+    assert run_batch(folder / "a.mp4", out, query="the red circle", device="cpu", dtype=dtype, progress=False,
+                     workers=1) == (1, 0, 0, 0)
+    err = capsys.readouterr().err
+    assert ("--dtype bfloat16 takes about 20% less time per clip here" in err) == noted
+    assert err.count("stg: note:") == int(noted)

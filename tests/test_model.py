@@ -742,6 +742,44 @@ def test_box_verifier_reads_the_window_in_its_frame_and_the_neighbouring_frames(
         BoxVerifier(8, {"candidate": 2})
 
 
+@pytest.mark.parametrize("part", ["verifier", "refiner"])
+def test_a_first_stride_of_2_quarters_every_map_of_the_window_cnn(part):
+    """`first_stride` 2: the first convolution halves the crop's side, so each layer's map is a quarter the
+    size (and so its compute); the head reads the smaller last map. The default (1) is the shipped trunk."""
+    from stgcli.models.spacevllm.modeling_spacevllm import BoxRefiner, BoxVerifier
+
+    def make(**kw):
+        torch.manual_seed(0)
+        spec = {"crop": 16, "channels": [8, 16, 16]} | kw
+        return BoxVerifier(32, spec) if part == "verifier" else BoxRefiner(spec)
+
+    plain, fast = make(), make(first_stride=2)
+    x = torch.randn(3, 9 if part == "verifier" else 3, 16, 16)
+    maps = [m for m in (plain.features, fast.features)]
+    with torch.no_grad():
+        sides = [[t.shape[-1] for t in _conv_outputs(f, x)] for f in maps]
+    assert sides == [[16, 8, 4], [8, 4, 2]]
+    head = plain.visual[1] if part == "verifier" else plain.head[1]
+    head_fast = fast.visual[1] if part == "verifier" else fast.head[1]
+    assert (head.in_features, head_fast.in_features) == (16 * 4 * 4, 16 * 2 * 2)
+    with torch.no_grad():
+        if part == "verifier":
+            out = fast(x[None, :, :3].repeat(1, 1, 1, 4, 4), torch.zeros(3, dtype=torch.long), torch.arange(3),
+                       torch.full((3, 4), 0.3), torch.randn(3, 64))
+        else:
+            out = fast(x.repeat(1, 1, 4, 4), torch.full((3, 4), 0.3))
+    assert out.shape[0] == 3 and bool(torch.isfinite(out).all())
+
+
+def _conv_outputs(features: torch.nn.Sequential, x: torch.Tensor) -> list[torch.Tensor]:
+    outs = []
+    for layer in features:
+        x = layer(x)
+        if isinstance(layer, torch.nn.Conv2d):
+            outs.append(x)
+    return outs
+
+
 def test_box_verifier_learns_the_target_against_every_other_object_and_its_empty_place(small, tmp_path):
     """Training crops: the target on its span's frames is the positive; every other visible object
     and the target's place on the frames outside its span are negatives; at most `max_crops` a step,

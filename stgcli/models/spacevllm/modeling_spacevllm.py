@@ -264,7 +264,9 @@ class TemporalPresence(nn.Module):
 class _WindowLook(nn.Module):
     """What the box refiner and the box verifier share: a look at the model input through a window
     `context` times a box (at least `min_window` of the frame), resampled to `crop` x `crop`, and a
-    small CNN (3x3 convolutions, the first at stride 1 and the rest at 2, GroupNorm, GELU)."""
+    small CNN (3x3 convolutions, the first at stride `first_stride` (default 1) and the rest at 2,
+    GroupNorm, GELU). A first stride of 2 makes every layer's map a quarter the size: a quarter of the
+    compute."""
 
     def __init__(self, part: str, spec: dict, known: tuple):
         super().__init__()
@@ -272,13 +274,18 @@ class _WindowLook(nn.Module):
         self.crop = int(spec.get("crop", 32))
         self.context = float(spec.get("context", 2.5))
         self.min_window = float(spec.get("min_window", 0.08))
+        self.first_stride = int(spec.get("first_stride", 1))
 
-    @staticmethod
-    def trunk(chans: list[int]) -> nn.Sequential:
+    def trunk(self, chans: list[int]) -> tuple[nn.Sequential, int]:
+        """The CNN for channel counts `chans` and the side of its output map."""
         layers: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(a, b, 3, stride=1 if i == 0 else 2, padding=1), nn.GroupNorm(8, b), nn.GELU()]
-        return nn.Sequential(*layers)
+            layers += [nn.Conv2d(a, b, 3, stride=self.first_stride if i == 0 else 2, padding=1), nn.GroupNorm(8, b),
+                       nn.GELU()]
+        side = self.crop
+        for i in range(len(chans) - 1):
+            side = (side - 1) // (self.first_stride if i == 0 else 2) + 1  # 3x3, padding 1
+        return nn.Sequential(*layers), side
 
     def windows(self, boxes: torch.Tensor) -> torch.Tensor:
         """(N, 4) cxcywh -> the (N, 4) cxcywh windows it looks through."""
@@ -296,15 +303,14 @@ class BoxRefiner(_WindowLook):
     this only makes the box fit it.
     """
 
-    SETTINGS = ("crop", "context", "min_window", "steps", "channels", "jitters")
+    SETTINGS = ("crop", "context", "min_window", "steps", "channels", "jitters", "first_stride")
 
     def __init__(self, spec: dict):
         super().__init__("box_refiner", spec, self.SETTINGS)
         self.jitters = int(spec.get("jitters", 2))
         self.steps = int(spec.get("steps", 2))
         chans = [3, *spec.get("channels", (32, 64, 96, 128))]
-        self.features = self.trunk(chans)
-        side = self.crop // 2 ** (len(chans) - 2)
+        self.features, side = self.trunk(chans)
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * side * side, 256), nn.GELU(), nn.Linear(256, 4))
 
     def crops(self, pixels: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
@@ -371,7 +377,7 @@ class BoxVerifier(_WindowLook):
     way tells them apart within a few hundred steps."""
 
     SETTINGS = ("crop", "context", "min_window", "channels", "candidates", "choose", "presence", "max_crops",
-                "attributes")
+                "attributes", "first_stride")
 
     def __init__(self, d_llm: int, spec: dict):
         super().__init__("box_verifier", spec, self.SETTINGS)
@@ -380,8 +386,7 @@ class BoxVerifier(_WindowLook):
         self.presence = float(spec.get("presence", 0.0))
         self.max_crops = int(spec.get("max_crops", 192))
         chans = [9, *spec.get("channels", (24, 48, 64, 96))]  # three frames' RGB
-        self.features = self.trunk(chans)
-        side = self.crop // 2 ** (len(chans) - 2)
+        self.features, side = self.trunk(chans)
         d = 128
         self.visual = nn.Sequential(nn.Flatten(), nn.Linear(chans[-1] * side * side, d), nn.GELU())
         self.text = nn.Sequential(nn.LayerNorm(2 * d_llm), nn.Linear(2 * d_llm, d))
@@ -805,7 +810,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         point, presence, boxes = self._scored(input_ids, pixel_values_videos, text_mask, res, hidden)
         tokens = self._answer(res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
                               answer_candidates)
-        return tokens, self._shown_boxes(tokens, boxes, point, res, pixel_values_videos, box_frames, refine_all), presence
+        boxes = self._shown_boxes(tokens, boxes, point, res, pixel_values_videos, box_frames, refine_all)
+        return tokens, boxes, presence
 
     @torch.no_grad()
     def ground_many(self, clips: list[dict], max_new_tokens: int = 16, eos_token_id: int | None = None,
@@ -815,11 +821,13 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         Each clip is a dict of `input_ids` (1, L), `pixel_values_videos` (1, F, 3, S, S), `text_mask`
         (1, L) and optionally `answer_candidates` and `box_frames` (see `ground`); all with the same F and S.
         The prompts are padded on the right, so every real token sees exactly what it sees alone (causal
-        attention never reaches the padding after it) at the same position, and each clip's KV cache is
-        cut to its own length before its answer (what the pads compute is never read). The prefill is the larger half of a clip's compute,
-        and a batch of clips runs it more efficiently (bfloat16 on a CPU: a quarter less per clip at 4);
-        the rest (verifier, answer, linking, refiner) runs clip by clip as in `ground`. Results equal
-        `ground`'s up to float rounding (the matrix products see other shapes)."""
+        attention never reaches the padding after it) at the same position; what the pads compute is never
+        read. The prefill is the larger half of a clip's compute, and a batch runs it more efficiently
+        (bfloat16 on a CPU: a quarter less per clip at 4). The verifier, tube linking and the refiner then
+        run clip by clip as in `ground`; constrained answers are scored for all clips in one pass over the
+        batch's cache, each clip on its own rows and length (`answer_log_likelihoods`), free-text ones on
+        each clip's cache cut to its length. Results equal `ground`'s up to float rounding (the matrix
+        products see other shapes)."""
         if len({c["pixel_values_videos"].shape for c in clips}) > 1:
             raise ValueError("ground_many: the clips must have the same number of frames, of the same size")
         lens = [int(c["input_ids"].shape[1]) for c in clips]
@@ -850,11 +858,13 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                     asked[i] = (candidates, prior)
         if asked:
             order = sorted(asked)
-            lms = self.answer_log_likelihoods(past, [lens[i] for i in order], hidden[order, [lens[i] - 1 for i in order]],
-                                              [asked[i][0] for i in order], rows=order)
+            last = hidden[order, [lens[i] - 1 for i in order]]
+            lms = self.answer_log_likelihoods(past, [lens[i] for i in order], last, [asked[i][0] for i in order],
+                                              rows=order)
             for i, lm in zip(order, lms):
                 candidates, prior = asked[i]
-                tokens[i] = list(candidates[int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())])
+                best = (lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax()
+                tokens[i] = list(candidates[int(best)])
         for i, n in enumerate(lens):
             if tokens[i] is None:
                 tokens[i] = self._answer(rows[i], _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n],
@@ -1000,7 +1010,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         rows = list(range(b)) if rows is None else list(rows)
         # A batch's prefill cache holds other rows too: the clips asked get a cache of their rows (a copy
         # of a few hundred kB), the batch's own is left alone.
-        cache = past if rows == list(range(len(past.layers[0].keys))) else _cache_rows(past, rows, self.config.text_config)
+        whole = rows == list(range(len(past.layers[0].keys)))
+        cache = past if whole else _cache_rows(past, rows, self.config.text_config)
         out = self.model.language_model(input_ids=ids.to(dev), attention_mask=mask[:, None],
                                         position_ids=(torch.tensor(prompt_lens)[:, None] + pos).to(dev), use_cache=True,
                                         **{_CACHE: cache})
