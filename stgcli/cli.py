@@ -246,7 +246,8 @@ def ground(video: Path, query: str, model_name, frames, device, quant, dtype, sp
 @click.option("--workers", type=int, default=None, show_default="cores - 1, at most 4; 2 on 2 cores",
               help="Processes decoding clips ahead of the one in the model.")
 @click.option("--batch-size", type=int, default=None, show_default="4 on a CPU, 1 on a GPU",
-              help="Clips the model reads together (one prefill): less compute per clip, the same results.")
+              help="Clips the model reads together (one prefill): less compute per clip, the same results "
+                   "up to float rounding.")
 @click.option("--decode-timeout", type=click.FloatRange(min=0), default=600, show_default=True, metavar="SECONDS",
               help="A clip still decoding after this long gets an error line and the batch goes on (0: no limit).")
 @click.option("--resume/--no-resume", default=True, show_default=True,

@@ -352,9 +352,13 @@ def test_a_batch_of_clips_gives_the_lines_clip_by_clip_grounding_gives(folder, t
     assert outs[3] == outs[1] and outs[4] == outs[1]
 
 
-def test_batch_size_below_one_is_a_user_error(folder, tmp_path, model):
+def test_batch_size_below_one_is_a_user_error(folder, tmp_path, model, capsys):
     with pytest.raises(UserError, match="--batch-size 0: must be at least 1"):
         run_batch(folder, tmp_path / "r.jsonl", query="the red circle", model=model, progress=False, batch_size=0)
+    code, _, err = run(capsys, "batch", str(folder), "--query", "x", "--out", str(tmp_path / "w.jsonl"),
+                       "--batch-size", "0")
+    assert_user_error(code, err, "--batch-size 0: must be at least 1")
+    assert not (tmp_path / "w.jsonl").exists()
 
 
 @pytest.mark.skipif(not hasattr(os, "nice"), reason="no process priorities to compare (Windows)")
