@@ -510,7 +510,9 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                     break
             while len(decoders):
                 # Up to `batch_size` pairs, from clips in input order, grounded with one prefill; their
-                # lines are then written in that order (errors in their place).
+                # lines are then written in that order (errors in their place). It waits for a full batch
+                # rather than run the clips already decoded: on a CPU the cores it would use decode meanwhile,
+                # and a part batch costs more per clip (a GPU's default batch is 1, which never waits).
                 todo_now: list[tuple] = []  # (item, prep or None, error kind, message)
                 while len(decoders) and sum(p is not None for _, p, _, _ in todo_now) < batch_size:
                     _, (sampled, got) = decoders.next()
