@@ -474,8 +474,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                                                                      span_decoding=span_decoding, dtype=dtype)
     if writer.keys():
         check_out_matches(out_path, loaded, frames)
-    if not isinstance(model, LoadedModel) and dtype == "auto" and loaded.device == "cpu" and loaded.dtype == "float32" \
-            and loaded.quantization == "none" and cpu_computes_bf16():
+    if todo and not isinstance(model, LoadedModel) and dtype == "auto" and loaded.device == "cpu" \
+            and loaded.dtype == "float32" and loaded.quantization == "none" and cpu_computes_bf16():
         # float32 stays the CPU default (the same clip gives the same numbers on every CPU), but a long batch
         # on a CPU built for bfloat16 is worth telling (README, "Quantized, bfloat16 and GPU loading").
         print("stg: note: this CPU computes in bfloat16: --dtype bfloat16 takes about 20% less time per clip here (the "

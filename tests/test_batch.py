@@ -750,3 +750,7 @@ def test_a_float32_batch_on_a_bf16_cpu_notes_the_faster_dtype(folder, tmp_path, 
     err = capsys.readouterr().err
     assert ("--dtype bfloat16 takes about 20% less time per clip here" in err) == noted
     assert err.count("stg: note:") == int(noted)
+    # a rerun with nothing left to ground says nothing about speed
+    assert run_batch(folder / "a.mp4", out, query="the red circle", device="cpu", dtype=dtype, progress=False,
+                     workers=1) == (0, 0, 1, 0)
+    assert "stg: note:" not in capsys.readouterr().err
