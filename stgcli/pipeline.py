@@ -1,6 +1,7 @@
 """The grounding pipeline: video -> frames -> model inputs -> model -> span + boxes -> track.
 
-`ground()` is the library call behind `stg ground`; `stg batch` grounds several clips per prefill (`ground_prepared_many`).
+`ground()` is the library call behind `stg ground`; `stg batch` grounds several clips per prefill
+(`ground_prepared_many`).
 """
 from __future__ import annotations
 
