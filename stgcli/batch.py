@@ -417,7 +417,8 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
     last line in the output is an error is skipped too, unless `retry_failed`: then it runs again
     and its new line supersedes the error line, which stays (the file is append-only).
     `workers` processes decode ahead (see _Decoders) while this thread runs the model on
-    `batch_size` pairs at a time (one prefill for all: `default_batch_size()`). At most
+    `batch_size` pairs at a time (one prefill for all, a video's queries sharing one vision pass:
+    `default_batch_size()`). At most
     `workers + max(clips_ahead(frames, size), batch_size) + 1` clips are in flight (a few hundred MB at
     most), so memory does not grow with the batch. A clip with several queries (the same file
     and window) is decoded once and its lines are written together, where its first pair stands in
@@ -526,13 +527,17 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                             todo_now.append((item, None, *got))
                             continue
                         try:  # the decode's time goes to the clip's first pair: summed, the lines add up
-                            prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0)
+                            shared = todo_now[-1][1]["pixels"] if k and todo_now[-1][1] is not None else None
+                            prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0,
+                                                   pixels=shared)
                         except Exception as e:  # noqa: BLE001 - as a decoding error: this pair's line, not the end
                             todo_now.append((item, None, type(e).__name__, str(e)))
                         else:
                             todo_now.append((item, prep, None, None))
-                grounded = iter(ground_prepared_many(loaded, [p for _, p, _, _ in todo_now if p is not None],
-                                                     [item[0] for item, p, _, _ in todo_now if p is not None]))
+                ready = [(item, p) for item, p, _, _ in todo_now if p is not None]
+                # at most batch_size to a prefill, though a clip's queries may have made more ready
+                grounded = iter([res for j in range(0, len(ready), batch_size) for res in ground_prepared_many(
+                    loaded, [p for _, p in ready[j:j + batch_size]], [item[0] for item, _ in ready[j:j + batch_size]])])
                 for item, prep, kind, message in todo_now:
                     if prep is None:
                         text = f"{item[4]}: {message}" if item[4] else message

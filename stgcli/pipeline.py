@@ -88,10 +88,11 @@ def model_input_size(loaded) -> tuple[int, int]:
     return s, s
 
 
-def prepare_sampled(loaded, query: str, sampled, t0: float, decode_s: float = 0.0) -> dict:
+def prepare_sampled(loaded, query: str, sampled, t0: float, decode_s: float = 0.0, pixels=None) -> dict:
     """The model inputs of frames already sampled (batch decodes them in worker processes);
-    `decode_s` is time spent before `t0` decoding them."""
-    pixels = loaded.processor.preprocess_frames(sampled.frames)
+    `decode_s` is time spent before `t0` decoding them; `pixels`: the frames already preprocessed (another
+    query about the same clip)."""
+    pixels = loaded.processor.preprocess_frames(sampled.frames) if pixels is None else pixels
     ids, text_mask = loaded.processor.encode_prompt(query, sampled.times_s)
     return {"query": query, "sampled": sampled, "pixels": pixels, "ids": ids, "text_mask": text_mask,
             "decode_s": decode_s + time.perf_counter() - t0}
@@ -148,9 +149,11 @@ def run_models(loaded, preps: list[dict], all_boxes: bool = False) -> list[tuple
     t0 = time.perf_counter()
     n_frames = len(preps[0]["sampled"].indices)
     with torch.inference_mode():
+        frames: dict[int, object] = {}  # one tensor per clip: the pairs of one video share its frames
         clips = [{"input_ids": torch.tensor([prep["ids"]], device=dev),
                   "text_mask": torch.tensor([prep["text_mask"]], device=dev),
-                  "pixel_values_videos": torch.from_numpy(prep["pixels"])[None].to(dev, dtype=model.dtype),
+                  "pixel_values_videos": frames.setdefault(id(prep["sampled"]), torch.from_numpy(
+                      prep["pixels"])[None].to(dev, dtype=model.dtype)),
                   "answer_candidates": _joint(loaded, prep) if loaded.span_decoding == "joint" else None,
                   "box_frames": _shown(loaded, prep)} for prep in preps]
         if len(clips) == 1:

@@ -337,19 +337,27 @@ def test_clips_decode_in_worker_processes_and_the_model_takes_one_batch_at_a_tim
 
 def test_a_batch_of_clips_gives_the_lines_clip_by_clip_grounding_gives(folder, tmp_path, model):
     """--batch-size changes how many clips share a prefill, not what is written: the same lines (timings
-    aside) in the same order, errors in their place, with 1, 3 and 4 clips to a batch."""
+    aside) in the same order, errors in their place, with 1, 3 and 4 clips to a batch; a video's queries
+    in one batch read its frames through the vision tower once."""
     for i in range(4):
         shutil.copy(EXAMPLE, folder / f"more{i}.mp4")
     (folder / "broken.mp4").write_bytes(b"not a video")
-    outs = {}
+    outs, frames_seen = {}, {}
     for size in (1, 3, 4):
         out = tmp_path / f"r{size}.jsonl"
-        counts = run_batch(folder, out, query=["the red circle", "the blue square moving left"], model=model,
-                           progress=False, workers=1, batch_size=size)
+        seen = []
+        hook = model.model.model.vision_tower.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
+        try:
+            counts = run_batch(folder, out, query=["the red circle", "the blue square moving left"], model=model,
+                               progress=False, workers=1, batch_size=size)
+        finally:
+            hook.remove()
         assert counts == (14, 2, 0, 0)
-        outs[size] = [{k: v for k, v in r.items() if k != "timing_s"} for r in lines(out)]
+        outs[size], frames_seen[size] = [{k: v for k, v in r.items() if k != "timing_s"} for r in lines(out)], sum(seen)
     assert len(outs[1]) == 16 and sum("error" in r for r in outs[1]) == 2
     assert outs[3] == outs[1] and outs[4] == outs[1]
+    # a video's two queries in one batch share the vision tower's pass over its frames
+    assert frames_seen[1] == 14 * 16 and frames_seen[4] == 7 * 16, frames_seen
 
 
 def test_batch_size_below_one_is_a_user_error(folder, tmp_path, model, capsys):
@@ -508,10 +516,10 @@ def test_a_clip_that_fails_after_decoding_is_an_error_line(folder, tmp_path, mod
 
     real = pipeline.prepare_sampled
 
-    def prepare_sampled(loaded, query, sampled, t0, decode_s=0.0):
+    def prepare_sampled(loaded, query, sampled, t0, decode_s=0.0, pixels=None):
         if sampled.info.path.endswith("b.mp4"):
             raise ValueError("cannot preprocess this one")
-        return real(loaded, query, sampled, t0, decode_s)
+        return real(loaded, query, sampled, t0, decode_s, pixels)
 
     monkeypatch.setattr(pipeline, "prepare_sampled", prepare_sampled)
     out = tmp_path / "e.jsonl"
@@ -754,3 +762,22 @@ def test_a_float32_batch_on_a_bf16_cpu_notes_the_faster_dtype(folder, tmp_path, 
     assert run_batch(folder / "a.mp4", out, query="the red circle", device="cpu", dtype=dtype, progress=False,
                      workers=1) == (0, 0, 1, 0)
     assert "stg: note:" not in capsys.readouterr().err
+
+
+def test_a_video_with_more_queries_than_a_batch_is_split_across_prefills(tmp_path, model, monkeypatch):
+    """--batch-size bounds the pairs in one prefill even when one video's queries come ready together
+    (VidSTG asks about ten per video): on a GPU a prefill of them all could exceed its memory."""
+    from stgcli import pipeline
+
+    sizes, real = [], pipeline.ground_prepared_many
+
+    def noting(loaded, preps, videos):
+        sizes.append(len(preps))
+        return real(loaded, preps, videos)
+
+    monkeypatch.setattr(pipeline, "ground_prepared_many", noting)
+    queries = ["the red circle", "the blue square", "the green triangle", "the yellow circle", "the red square"]
+    out = tmp_path / "q.jsonl"
+    assert run_batch(EXAMPLE, out, query=queries, model=model, progress=False, workers=1, batch_size=2) == (5, 0, 0, 0)
+    assert sizes == [2, 2, 1]
+    assert [d["query"] for d in lines(out)] == queries

@@ -946,3 +946,32 @@ def test_ground_many_gives_what_ground_gives_clip_by_clip(small, constrained):
         torch.testing.assert_close(presence2, presence)
     with pytest.raises(ValueError, match="the same number of frames"):
         model.ground_many([clips[0], dict(clips[1], pixel_values_videos=clips[1]["pixel_values_videos"][:, :4])])
+
+
+def test_ground_many_runs_the_vision_tower_once_for_queries_about_the_same_frames(small):
+    """Two queries about one clip (the same frames tensor, as stg batch passes a video's pairs) and one
+    about another: the vision tower sees two clips' frames, and each query gets what `ground` gives it."""
+    _, proc = small
+    torch.manual_seed(0)
+    model, _ = new_tiny_model(small_cfg(model=dict(SMALL, box_refiner=REFINER)), seed=0)
+    model.eval()
+    one = make_batch(small_cfg(min_frames=6), proc, step=0)["pixel_values_videos"][:1]
+    other = make_batch(small_cfg(min_frames=6), proc, step=1)["pixel_values_videos"][:1]
+    clips = []
+    for query, pixels in [("the red circle", one), ("the blue square that moves left", other), ("green", one)]:
+        ids, text_mask = proc.encode_prompt(query, [0.5 * i for i in range(6)])
+        clips.append({"input_ids": torch.tensor([ids]), "text_mask": torch.tensor([text_mask]),
+                      "pixel_values_videos": pixels})
+    seen = []
+    hook = model.model.vision_tower.register_forward_hook(lambda _m, inp, _o: seen.append(inp[0].shape[0]))
+    with torch.no_grad():
+        together = model.ground_many(clips, max_new_tokens=4)
+        seen_together = list(seen)
+        alone = [model.ground(c["input_ids"], torch.ones_like(c["input_ids"]), c["pixel_values_videos"],
+                              c["text_mask"], max_new_tokens=4) for c in clips]
+    hook.remove()
+    assert seen_together == [2 * 6]  # two clips of 6 frames, once
+    for (tokens, boxes, presence), (tokens2, boxes2, presence2) in zip(alone, together):
+        assert tokens2 == tokens
+        torch.testing.assert_close(boxes2, boxes)
+        torch.testing.assert_close(presence2, presence)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -595,7 +595,8 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                        gt_in_span: torch.Tensor | None = None, decode_mask: torch.Tensor | None = None,
                        patch_labels: torch.Tensor | None = None, obj_boxes: torch.Tensor | None = None,
                        obj_visible: torch.Tensor | None = None, obj_target: torch.Tensor | None = None,
-                       obj_attrs: torch.Tensor | None = None, use_cache: bool = False, box_losses: bool = True):
+                       obj_attrs: torch.Tensor | None = None, use_cache: bool = False, box_losses: bool = True,
+                       video_rows: torch.Tensor | None = None):
         """One pass over prompt (+ answer when training).
 
         input_ids/attention_mask (B, L); pixel_values_videos (B, F, 3, S, S); text_mask (B, L) marks the
@@ -605,10 +606,15 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         obj_boxes (B, F, M, 4) normalised xyxy, obj_visible (B, F, M), obj_target (B, M) and obj_attrs
         (B, M, A) classes: every object of the clip, for a box verifier's loss (without them it has none);
         box_losses=False leaves out the box and refiner losses (a leg that trains presence alone).
+        `video_rows` (B,) (inference): pixel_values_videos holds each distinct clip once and row i of the
+        prompts reads clip video_rows[i] (several queries about one video run the vision tower once).
         Returns (SpaceVLLMOutput with boxes (B, F, 4) cxcywh and presence logits
         (B, F), past_key_values or None, last hidden states).
         """
         video_out, patches = self.encode_video(pixel_values_videos)
+        if video_rows is not None:  # the language model reads only the pooled features (pooler_output)
+            video_out = replace(video_out, pooler_output=video_out.pooler_output[video_rows])
+            patches = patches[video_rows]
         mid = self.config.mid_presence_layer if labels is not None else 0
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          mm_encoder_outputs={"video": video_out}, use_cache=use_cache,
@@ -839,11 +845,22 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
         tmask = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
         for i, (c, n) in enumerate(zip(clips, lens)):
             ids[i, :n], tmask[i, :n] = c["input_ids"][0], c["text_mask"][0]
-        pixels = torch.cat([c["pixel_values_videos"] for c in clips])
-        res, past, hidden = self.ground_forward(ids, mask, pixels, tmask, use_cache=True)
+        # Queries about the same frames (one video, several queries: the same tensor) share one pass of
+        # the vision tower.
+        distinct: list[torch.Tensor] = []
+        video_rows = []
+        for c in clips:
+            same = [j for j, t in enumerate(distinct) if t is c["pixel_values_videos"]]
+            if not same:
+                distinct.append(c["pixel_values_videos"])
+            video_rows.append(same[0] if same else len(distinct) - 1)
+        rows_t = torch.tensor(video_rows, device=ids.device) if len(distinct) < len(clips) else None
+        res, past, hidden = self.ground_forward(ids, mask, torch.cat(distinct), tmask, use_cache=True,
+                                                video_rows=rows_t)
+        pixels = [distinct[r] for r in video_rows]  # each clip's (1, F, 3, S, S), no copies
         rows = [SpaceVLLMOutput(boxes=res.boxes[i:i + 1], presence_logits=res.presence_logits[i:i + 1],
                                 point_logits=res.point_logits[i:i + 1]) for i in range(len(clips))]
-        scored = [self._scored(ids[i:i + 1, :n], pixels[i:i + 1], tmask[i:i + 1, :n], rows[i], hidden[i:i + 1, :n])
+        scored = [self._scored(ids[i:i + 1, :n], pixels[i], tmask[i:i + 1, :n], rows[i], hidden[i:i + 1, :n])
                   for i, n in enumerate(lens)]
         # The answers: constrained ones scored for all clips in one pass over the batch's cache (see
         # answer_log_likelihoods), free text clip by clip on each clip's own cache.
@@ -869,7 +886,7 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
             if tokens[i] is None:
                 tokens[i] = self._answer(rows[i], _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n],
                                          mask[i:i + 1, :n], scored[i][1], max_new_tokens, eos_token_id, None)
-        return [(tokens[i], self._shown_boxes(tokens[i], boxes, point, rows[i], pixels[i:i + 1], c.get("box_frames"),
+        return [(tokens[i], self._shown_boxes(tokens[i], boxes, point, rows[i], pixels[i], c.get("box_frames"),
                                               refine_all), presence)
                 for i, (c, (point, presence, boxes)) in enumerate(zip(clips, scored))]
 
