@@ -145,10 +145,10 @@ def default_workers() -> int:
 
 
 def default_batch_size(device: str) -> int:
-    """Pairs grounded with one prefill: 4 on a CPU, where the main process then spends about 5% less per
-    clip in float32 and 15-20% less in bfloat16 (measured alone on 48 clips; 8 and 16 measured 0.050-0.055
-    CPU s per clip in bfloat16 against 4's 0.053-0.056, within this machine's noise, for 2-4 times the
-    activations); 1 on a GPU, where the memory several clips of a large model take is not known in advance
+    """Pairs grounded with one prefill: 4 on a CPU, where the model then spends 8-10% less per pair in
+    float32 and 21-24% less in bfloat16 (benchmarks/prefill.py; 8 and 16 measured 0.050-0.055 CPU s per
+    clip in bfloat16 against 4's 0.053-0.056, within this machine's noise, for 2-4 times the activations);
+    1 on a GPU, where the memory several clips of a large model take is not known in advance
     (--batch-size raises it)."""
     return 1 if device.startswith("cuda") else 4
 

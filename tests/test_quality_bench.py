@@ -92,3 +92,13 @@ def test_presence_errors_counts_every_sampled_frame_once_by_what_is_in_view(tmp_
     assert [g for g, _, _ in rows] == list(GROUPS)
     assert sum(int(n) for _, n, _ in rows) == 3 * 16  # the built-in model's 16 frames of each clip
     assert all(int(w) <= int(n) for _, n, w in rows)
+
+
+def test_prefill_benchmark_times_each_batch_size_and_query_count(tmp_path):
+    """benchmarks/prefill.py on 2 clips: a row per query count, CPU seconds for 1 and 4 pairs to a prefill."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "prefill.py"), "--n", "2", "--clips",
+                           str(tmp_path / "clips"), "--dtype", "float32", "--no-write"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = re.findall(r"^\| float32 \| (\d) \| ([\d.]+) \| ([\d.]+) \| [+-]\d+% \|$", done.stdout, re.M)
+    assert [r[0] for r in rows] == ["1", "2"] and all(float(x) > 0 for r in rows for x in r[1:])
