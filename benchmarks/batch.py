@@ -315,7 +315,7 @@ def main() -> None:
     # median to decode, so a subset misstates the mean the batch has to sustain
     sizes = [b or None for b in args.batch_size]
     costs_of = {(d, b): standalone_costs(paths, [r["query"] for r in rows], d, b) for d in args.dtype for b in sizes}
-    from stgcli.batch import _cores, clips_ahead
+    from stgcli.batch import _cores, clips_ahead, default_batch_size
 
     cores = _cores()  # what stg batch itself counts (CPU affinity: a container's or taskset's share)
     # This VM's speed drifts by up to 40% between minutes (the same decord loop measured 0.092 and
@@ -379,8 +379,6 @@ def main() -> None:
                         f"({'meets' if best['rss_growth'] < TARGET_RSS_GROWTH else 'misses'} < 10%)")
         own_decode, own_model, model_busy = costs_of[(d, b)]
         floor = max(own_model, own_decode / min(best_w, cores), (own_decode + own_model) / cores)
-        from stgcli.batch import default_batch_size
-
         costs.append(f"CPU per clip, measured alone ({'float32' if d == 'auto' else d}, "
                      f"{b or default_batch_size('cpu')} clips to a prefill): a decoding worker {own_decode:.3f} s, the "
                      f"main process (preprocessing, prompt, model, result; torch on 1 thread) {own_model:.3f} s; with "

@@ -521,15 +521,16 @@ def run_batch(source: str | os.PathLike[str] | None, out_path: str | os.PathLike
                     nxt = next(it, None)
                     if nxt is not None:
                         submit(nxt)
+                    pixels = None  # the clip's frames preprocessed once, for all its queries
                     for k, item in enumerate(pairs):
                         t0 = time.perf_counter()
                         if sampled is None:
                             todo_now.append((item, None, *got))
                             continue
                         try:  # the decode's time goes to the clip's first pair: summed, the lines add up
-                            shared = todo_now[-1][1]["pixels"] if k and todo_now[-1][1] is not None else None
                             prep = prepare_sampled(loaded, check_query(item[1]), sampled, t0, got if k == 0 else 0.0,
-                                                   pixels=shared)
+                                                   pixels=pixels)
+                            pixels = prep["pixels"]
                         except Exception as e:  # noqa: BLE001 - as a decoding error: this pair's line, not the end
                             todo_now.append((item, None, type(e).__name__, str(e)))
                         else:

@@ -149,11 +149,13 @@ def run_models(loaded, preps: list[dict], all_boxes: bool = False) -> list[tuple
     t0 = time.perf_counter()
     n_frames = len(preps[0]["sampled"].indices)
     with torch.inference_mode():
-        frames: dict[int, object] = {}  # one tensor per clip: the pairs of one video share its frames
+        frames: dict[int, object] = {}  # one tensor per clip, converted once: the pairs of one video share it
+        for prep in preps:
+            if id(prep["sampled"]) not in frames:
+                frames[id(prep["sampled"])] = torch.from_numpy(prep["pixels"])[None].to(dev, dtype=model.dtype)
         clips = [{"input_ids": torch.tensor([prep["ids"]], device=dev),
                   "text_mask": torch.tensor([prep["text_mask"]], device=dev),
-                  "pixel_values_videos": frames.setdefault(id(prep["sampled"]), torch.from_numpy(
-                      prep["pixels"])[None].to(dev, dtype=model.dtype)),
+                  "pixel_values_videos": frames[id(prep["sampled"])],
                   "answer_candidates": _joint(loaded, prep) if loaded.span_decoding == "joint" else None,
                   "box_frames": _shown(loaded, prep)} for prep in preps]
         if len(clips) == 1:

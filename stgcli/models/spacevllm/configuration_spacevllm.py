@@ -41,18 +41,19 @@ class SpaceVLLMConfig(LlavaOnevisionConfig):
         motion), with cross-entropy weighted by attr_weight. It teaches the small vision tower what
         the sentence can name. Training only; None / 0: off.
     box_refiner: a second look at the pixels around each box (modeling's BoxRefiner): None, off, or a
-        dict of its settings (`crop`, `context`, `min_window`, `steps`, `channels`, `jitters`; {} takes
-        the defaults). The space decoder points at patches, which boxes small objects only roughly; the
-        refiner fits the box to the object in a crop of the frame at the model's input size.
+        dict of its settings (`crop`, `context`, `min_window`, `steps`, `channels`, `first_stride`,
+        `jitters`; {} takes the defaults). The space decoder points at patches, which boxes small objects
+        only roughly; the refiner fits the box to the object in a crop of the frame at the model's input
+        size.
     temporal_presence: a small bidirectional transformer over the frames that corrects each frame's
         presence logit with the whole clip in view (modeling's TemporalPresence): None, off, or a dict
         of its settings (`layers`, `heads`, `track`: also read each frame's box and its motion; {} takes
         the defaults, without `track`).
     box_verifier: a check of candidate boxes against the sentence, on the pixels of the frame and its
         neighbours (modeling's BoxVerifier): None, off, or a dict of its settings (`crop`, `context`,
-        `min_window`, `channels`, `candidates`, `choose`, `presence`, `max_crops`, `attributes`; {}
-        takes the defaults, which leave the boxes and presence as they were until `choose` /
-        `presence` are set).
+        `min_window`, `channels`, `first_stride`, `candidates`, `choose`, `presence`, `max_crops`,
+        `attributes`; {} takes the defaults, which leave the boxes and presence as they were until
+        `choose` / `presence` are set).
     link_weight / link_free: tube linking at inference (0: off). The frames whose boxes are shown
         get one object, followed through the clip: the patch each frame points at is chosen jointly
         over the frames (Viterbi), each frame's pointing log-probability summed, less `link_weight`

@@ -49,19 +49,30 @@ def _cache_of(out):
 _PAD_TO = 8
 
 
-def _cache_row(cache, row: int, length: int, config):
-    """Clip `row`'s KV cache from a batch's, its first `length` positions (the padding after them cut)."""
+def _cache_rows(cache, rows: list[int], config, length: int | None = None):
+    """A copy of rows `rows` of a batch's KV cache, of their first `length` positions (default all: a
+    clip's own length cuts the padding after its prompt)."""
     from transformers import DynamicCache
 
-    return DynamicCache([(layer.keys[row:row + 1, :, :length], layer.values[row:row + 1, :, :length])
+    return DynamicCache([(layer.keys[rows][:, :, :length], layer.values[rows][:, :, :length])
                          for layer in cache.layers], config=config)
 
 
-def _cache_rows(cache, rows: list[int], config):
-    """A copy of rows `rows` of a batch's KV cache."""
-    from transformers import DynamicCache
+def _ask(answer_candidates, presence: torch.Tensor):
+    """What a clip's answer is chosen among (see `ground`): None for free text (no `answer_candidates`, or
+    none given), [] when the clip is scored absent (the empty answer, no language model needed), else
+    (candidate token lists, their prior log-scores)."""
+    if answer_candidates is None:
+        return None
+    candidates, prior = answer_candidates(presence.float().cpu())
+    if candidates == [[]]:
+        return []
+    return (candidates, prior) if candidates else None
 
-    return DynamicCache([(layer.keys[rows], layer.values[rows]) for layer in cache.layers], config=config)
+
+def _best(candidates: list[list[int]], prior, lm: torch.Tensor) -> list[int]:
+    """The candidate whose language-model log-likelihood plus prior is highest."""
+    return list(candidates[int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())])
 
 
 def _prefix_tree(candidates: list[list[int]]) -> tuple[list, list, list, list, list, list]:
@@ -279,12 +290,11 @@ class _WindowLook(nn.Module):
     def trunk(self, chans: list[int]) -> tuple[nn.Sequential, int]:
         """The CNN for channel counts `chans` and the side of its output map."""
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
-            layers += [nn.Conv2d(a, b, 3, stride=self.first_stride if i == 0 else 2, padding=1), nn.GroupNorm(8, b),
-                       nn.GELU()]
         side = self.crop
-        for i in range(len(chans) - 1):
-            side = (side - 1) // (self.first_stride if i == 0 else 2) + 1  # 3x3, padding 1
+        for i, (a, b) in enumerate(zip(chans[:-1], chans[1:])):
+            stride = self.first_stride if i == 0 else 2
+            layers += [nn.Conv2d(a, b, 3, stride=stride, padding=1), nn.GroupNorm(8, b), nn.GELU()]
+            side = (side - 1) // stride + 1  # 3x3, padding 1
         return nn.Sequential(*layers), side
 
     def windows(self, boxes: torch.Tensor) -> torch.Tensor:
@@ -864,28 +874,20 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
                   for i, n in enumerate(lens)]
         # The answers: constrained ones scored for all clips in one pass over the batch's cache (see
         # answer_log_likelihoods), free text clip by clip on each clip's own cache.
-        tokens: list = [None] * len(clips)
-        asked = {}
-        for i, (c, (_, presence, _)) in enumerate(zip(clips, scored)):
-            if c.get("answer_candidates") is not None:
-                candidates, prior = c["answer_candidates"](presence.float().cpu())
-                if candidates == [[]]:  # absent: the empty answer, no language model needed
-                    tokens[i] = []
-                elif candidates:
-                    asked[i] = (candidates, prior)
-        if asked:
-            order = sorted(asked)
+        asked = [_ask(c.get("answer_candidates"), presence) for c, (_, presence, _) in zip(clips, scored)]
+        tokens: list = [[] if a == [] else None for a in asked]
+        order = [i for i, a in enumerate(asked) if a]  # those with candidates to score
+        if order:
             last = hidden[order, [lens[i] - 1 for i in order]]
             lms = self.answer_log_likelihoods(past, [lens[i] for i in order], last, [asked[i][0] for i in order],
                                               rows=order)
             for i, lm in zip(order, lms):
-                candidates, prior = asked[i]
-                best = (lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax()
-                tokens[i] = list(candidates[int(best)])
+                tokens[i] = _best(*asked[i], lm)
         for i, n in enumerate(lens):
             if tokens[i] is None:
-                tokens[i] = self._answer(rows[i], _cache_row(past, i, n, self.config.text_config), hidden[i:i + 1, :n],
-                                         mask[i:i + 1, :n], scored[i][1], max_new_tokens, eos_token_id, None)
+                tokens[i] = self._answer(rows[i], _cache_rows(past, [i], self.config.text_config, n),
+                                         hidden[i:i + 1, :n], mask[i:i + 1, :n], scored[i][1], max_new_tokens,
+                                         eos_token_id, None)
         return [(tokens[i], self._shown_boxes(tokens[i], boxes, point, rows[i], pixels[i], c.get("box_frames"),
                                               refine_all), presence)
                 for i, (c, (point, presence, boxes)) in enumerate(zip(clips, scored))]
@@ -955,14 +957,11 @@ class SpaceVLLMForConditionalGeneration(LlavaOnevisionForConditionalGeneration):
     def _answer(self, res, past, hidden, attention_mask, presence, max_new_tokens, eos_token_id,
                 answer_candidates) -> list[int]:
         """The answer's tokens (see `ground`)."""
-        if answer_candidates is not None:
-            candidates, prior = answer_candidates(presence.float().cpu())
-            if candidates == [[]]:  # absent: the empty answer, no language model needed
-                return []
-            if candidates:
-                lm = self.answer_log_likelihood(past, attention_mask, hidden[:, -1], candidates)
-                best = int((lm.float().cpu() + torch.as_tensor(prior, dtype=torch.float32)).argmax())
-                return list(candidates[best])
+        asked = _ask(answer_candidates, presence)
+        if asked == []:
+            return []
+        if asked:
+            return _best(*asked, self.answer_log_likelihood(past, attention_mask, hidden[:, -1], asked[0]))
         eos = eos_token_id if eos_token_id is not None else self.config.text_config.eos_token_id
         next_tok = self.lm_head(hidden[:, -1]).argmax(-1)
         tokens = []
